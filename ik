@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# imagekit's one entry point. It sets up what is missing, then runs what you asked for:
+#   ./ik build [--distro D]   set up, then run the main job (`invoke build`)
+#   ./ik test [PYTEST ARGS]   set up, then run the whole test suite (ruff, mypy, unit and VM tests)
+#   ./ik setup                only set up: host packages (apt-get, as root) and the Python env (.venv)
+#   ./ik TASK [ARGS]          set up, then run any invoke task (./ik --list shows them)
+# Set-up that is already done is not redone: host packages are checked with dpkg-query, the virtual
+# environment is rebuilt only when pyproject.toml changes.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+
+HOST_PACKAGES=(
+  qemu-system-x86 qemu-utils ovmf       # the VM runner and image conversion
+  mmdebstrap debian-archive-keyring     # building Debian root filesystems
+  e2fsprogs fdisk dosfstools ntfs-3g    # disk images, the NTFS resource disk
+  udftools util-linux iproute2 socat    # blkid/losetup/unshare, namespaces, the IMDS relay
+  zstd ca-certificates
+)
+
+missing_host_packages() {
+  local p missing=()
+  for p in "${HOST_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$p")
+    fi
+  done
+  echo "${missing[@]:-}"
+}
+
+setup_host() {
+  if ! command -v dpkg-query >/dev/null; then
+    echo "imagekit: this set-up needs a Debian-based host (dpkg and apt-get); install by hand: ${HOST_PACKAGES[*]}" >&2
+    exit 2
+  fi
+  local missing
+  missing=$(missing_host_packages)
+  [ -z "$missing" ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "imagekit: missing host packages: $missing" >&2
+    echo "imagekit: install them as root:  sudo apt-get install -y $missing" >&2
+    exit 2
+  fi
+  echo "imagekit: installing host packages: $missing" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+setup_python() {
+  local stamp=.venv/.imagekit-setup want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  echo "imagekit: setting up the Python environment in .venv" >&2
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "$want" > "$stamp"
+}
+
+setup() { setup_host; setup_python; }
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    export PATH="$here/.venv/bin:$PATH"
+    echo "== ruff" && ruff check imagekit tests tasks.py
+    echo "== mypy" && mypy
+    echo "== pytest"
+    exec pytest "$@"
+    ;;
+  "" | -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *)
+    setup
+    exec .venv/bin/invoke "$cmd" "$@"
+    ;;
+esac
