@@ -18,3 +18,29 @@ def wa_fixtures() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"WALinuxAgent fixtures not found at {FIXTURES} (../shared is absent in this clone)")
     return FIXTURES
+
+
+# The Debian suites whose agent packages serve as oracles: bookworm (waagent 2.7.3, cloud-init 22.4)
+# and trixie (waagent 2.12, cloud-init 25.1), the versions the Debian 12 and 13 images ship.
+ORACLE_SUITES = ("bookworm", "trixie")
+
+
+@pytest.fixture(params=ORACLE_SUITES)
+def oracle_suite(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def waagent_lib(oracle_suite: str) -> Path:
+    """waagent's own Python code (azurelinuxagent) from the Debian package, importable; returns its root."""
+    from tests.oracles import activate
+
+    return activate(oracle_suite)
+
+
+@pytest.fixture
+def cloudinit_lib(oracle_suite: str) -> Path:
+    """cloud-init's own Python code (cloudinit) from the Debian package, importable; returns its root."""
+    from tests.oracles import activate
+
+    return activate(oracle_suite)
