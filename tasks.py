@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from invoke import Context, Exit, task
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from imagekit.errors import ImagekitError
 from imagekit.log import setup_logging

@@ -164,7 +164,8 @@ class Distro:
 
         d = asdict(self)
         d.pop("path")
-        return _jsonable(d)
+        out: dict[str, Any] = _jsonable(d)
+        return out
 
 
 def _jsonable(v: Any) -> Any:
