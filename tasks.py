@@ -56,6 +56,50 @@ def distros(c: Context, verbose: bool = False) -> None:
 
 
 # --- OVF provisioning ISO (issue: foundation) -----------------------------------------------------
+
+
+@task(
+    help={
+        "hostname": "the VM's host name (Azure's computerName rules: 1-64 of A-Z a-z 0-9 . -)",
+        "username": "the admin user to create (Azure's adminUsername rules; root, admin, ... are refused)",
+        "ssh_key": "an OpenSSH public key file (.pub; RSA >= 2048 bits or Ed25519); repeat for more keys",
+        "password_file": "a file whose first line is the user's password (kept out of logs and errors)",
+        "custom_data": "a file passed as CustomData (cloud-config, script, ...; at most 65535 bytes)",
+        "disable_password_auth": "disable SSH password authentication (default; --no-... enables it)",
+        "output": "where to write the ISO (written 0600, atomically; nothing is left on error)",
+        "verbose": "log debug detail",
+    },
+    iterable=["ssh_key"],
+)
+@_cli
+def iso(
+    c: Context,
+    hostname: str = "",
+    username: str = "",
+    ssh_key: list[str] | None = None,
+    password_file: str | None = None,
+    custom_data: str | None = None,
+    disable_password_auth: bool = True,
+    output: str = "",
+    verbose: bool = False,
+) -> None:
+    """Write an OVF provisioning ISO (ovf-env.xml on ISO9660+Joliet+Rock Ridge+UDF) that Azure's agents read."""
+    from imagekit.iso import write_ovf_iso
+    from imagekit.ovf import ProvisioningProfile
+
+    missing = [f"--{n}" for n, v in (("hostname", hostname), ("username", username), ("output", output)) if not v]
+    if missing:
+        raise ImagekitError(f"missing required option(s): {', '.join(missing)}", hint="see: invoke --help iso")
+    profile = ProvisioningProfile.from_files(
+        hostname=hostname,
+        username=username,
+        ssh_key_files=ssh_key or [],
+        password_file=password_file,
+        custom_data_file=custom_data,
+        disable_password_auth=disable_password_auth,
+    )
+    path = write_ovf_iso(profile, output)
+    print(path)
 # --- base images --------------------------------------------------------------------------------
 # --- provisioning on the local platform --------------------------------------------------------
 # --- checks ---------------------------------------------------------------------------------------

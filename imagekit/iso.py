@@ -1,0 +1,126 @@
+"""The OVF provisioning ISO: ovf-env.xml on a DVD image shaped like the one Azure attaches.
+
+Azure hands a new VM a UDF DVD holding ``/ovf-env.xml``; waagent mounts it with ``-t udf,iso9660`` and
+cloud-init looks for ``TYPE=udf`` or ``TYPE=iso9660`` devices. The image written here carries the file in
+all four pycdlib namespaces (ISO9660 level 3, Joliet, Rock Ridge, UDF 2.60), so either agent finds it
+whichever filesystem the guest kernel picks, and ``blkid`` reports ``TYPE=udf`` as on Azure. The volume id
+``rd_rdfe_stable`` is the label Azure's media carry (cloud-init's ds-identify keys on the ``rd_rdfe`` prefix).
+
+The ISO holds the password and custom data, so it is written 0600, through a temporary file in the target
+directory that is renamed into place only when complete; on any error (also Ctrl-C) nothing is left.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from imagekit.errors import InputError
+from imagekit.ovf import ProvisioningProfile, render_ovf_env
+
+log = logging.getLogger("imagekit.iso")
+
+VOLUME_ID = "rd_rdfe_stable"
+OVF_FILE_NAME = "ovf-env.xml"
+
+Namespace = Literal["iso9660", "joliet", "rr", "udf"]
+
+#: Where the file lives in each namespace; ISO9660 names are upper case d-characters with a version.
+OVF_PATHS: dict[str, str] = {
+    "iso9660": "/OVF_ENV.XML;1",
+    "joliet": "/" + OVF_FILE_NAME,
+    "rr": "/" + OVF_FILE_NAME,
+    "udf": "/" + OVF_FILE_NAME,
+}
+
+
+def build_iso_bytes(data: bytes) -> bytes:
+    """Return an ISO image (bytes) holding ``data`` as ``/ovf-env.xml`` in every namespace."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", udf="2.60", vol_ident=VOLUME_ID)
+    try:
+        iso.add_fp(
+            io.BytesIO(data),
+            len(data),
+            OVF_PATHS["iso9660"],
+            rr_name=OVF_FILE_NAME,
+            joliet_path=OVF_PATHS["joliet"],
+            udf_path=OVF_PATHS["udf"],
+        )
+        out = io.BytesIO()
+        iso.write_fp(out)
+        return out.getvalue()
+    finally:
+        iso.close()
+
+
+def write_ovf_iso(profile: ProvisioningProfile, path: str | os.PathLike[str]) -> Path:
+    """Render ``profile`` and write the provisioning ISO to ``path`` (mode 0600, atomically).
+
+    Returns the path written. Raises :class:`InputError` if the target directory does not exist or the
+    target is a directory.
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InputError(f"output: {target} is a directory", hint="allowed: a file path such as ovf.iso")
+    if not parent.is_dir():
+        raise InputError(f"output: directory {parent} does not exist", hint="allowed: a path in an existing directory")
+    image = build_iso_bytes(render_ovf_env(profile).encode("utf-8"))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    tmp = Path(tmp_name)
+    try:
+        # mkstemp already creates 0600; fchmod states the requirement regardless of umask or platform.
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(image)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info(
+        "wrote provisioning ISO %s (%d bytes, hostname %s, user %s)",
+        target,
+        len(image),
+        profile.hostname,
+        profile.username,
+    )
+    return target
+
+
+def read_ovf_iso(path: str | os.PathLike[str], namespace: Namespace = "udf") -> bytes:
+    """Read ``ovf-env.xml`` back from an ISO through one pycdlib namespace (for tests and checks)."""
+    import pycdlib
+
+    if namespace not in OVF_PATHS:
+        raise InputError(f"namespace: {namespace!r} is unknown", hint=f"allowed: {', '.join(OVF_PATHS)}")
+    iso = pycdlib.PyCdlib()
+    iso.open(os.fspath(path))
+    try:
+        out = io.BytesIO()
+        key = {"iso9660": "iso_path", "joliet": "joliet_path", "rr": "rr_path", "udf": "udf_path"}[namespace]
+        iso.get_file_from_iso_fp(out, **{key: OVF_PATHS[namespace]})
+        return out.getvalue()
+    finally:
+        iso.close()
+
+
+def iso_volume_id(path: str | os.PathLike[str]) -> str:
+    """The ISO9660 primary volume descriptor's volume identifier (trailing padding removed)."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.open(os.fspath(path))
+    try:
+        raw = iso.pvd.volume_identifier
+        return (raw.decode("ascii") if isinstance(raw, bytes) else str(raw)).rstrip()
+    finally:
+        iso.close()
