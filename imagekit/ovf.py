@@ -34,8 +34,12 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagekit.errors import InputError
+
+if TYPE_CHECKING:
+    import jinja2
 
 HOSTNAME_MAX = 64
 HOSTNAME_LABEL_MAX = 63
@@ -57,8 +61,9 @@ AZURE_RESERVED_USERNAMES = frozenset(
 )  # fmt: skip
 
 #: Built-in system accounts of the endorsed distros (Azure's "Selecting user names for Linux" lists for
-#: CentOS/RHEL, SLES/openSUSE and Ubuntu, plus Debian's base-passwd and systemd's static users). waagent
-#: refuses to set a password or keys for a system account, so provisioning with one of these fails.
+#: CentOS/RHEL, SLES/openSUSE and Ubuntu, plus Debian's base-passwd and systemd's static users). The user
+#: already exists on the image, so the agent does not create it afresh, and waagent refuses to set the
+#: password of an account below UID_MIN: provisioning with one of these fails or hands out a system account.
 LINUX_SYSTEM_USERNAMES = frozenset(
     {
         "abrt", "adm", "admin", "audio", "backup", "bin", "cdrom", "cgred", "console", "crontab", "daemon",
@@ -430,18 +435,7 @@ def render_ovf_env(profile: ProvisioningProfile) -> str:
     """
     import xml.etree.ElementTree as ET
 
-    import jinja2
-
-    from imagekit.paths import TEMPLATES_DIR
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "ovf"),
-        undefined=jinja2.StrictUndefined,
-        autoescape=True,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    env = template_environment()
     # Re-validate: a frozen dataclass can still be forged with object.__setattr__.
     profile.validate()
     text = env.get_template(TEMPLATE_NAME).render(
@@ -461,6 +455,22 @@ def render_ovf_env(profile: ProvisioningProfile) -> str:
     if pga is None or (pga.text or "").strip() not in ("true", "false"):
         raise InputError("ovf-env.xml: ProvisionGuestAgent came out empty; waagent would reject the ISO")
     return text
+
+
+def template_environment() -> jinja2.Environment:
+    """The Jinja2 environment for ``templates/ovf``: undefined variables raise, every value is XML-escaped."""
+    import jinja2
+
+    from imagekit.paths import TEMPLATES_DIR
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "ovf"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=True,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 OVF_NS = "http://schemas.dmtf.org/ovf/environment/1"
