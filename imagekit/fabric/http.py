@@ -207,6 +207,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status = response.status
         target = sanitize(self.path or "")
         method = sanitize(self.command or "", 16)
+        # Recorded before the answer is sent, so a client that has its answer always finds the record.
+        log.debug("%s: %s %s %s -> %d", self.server.name, self.server.service, method, target, status)
+        try:
+            self.server.on_served(method, target, status)
+        except Exception:
+            log.exception("%s: recording a request failed", self.server.name)
         try:
             self.send_response_only(status)
             self.send_header("Content-Type", response.content_type)
@@ -220,12 +226,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except (TimeoutError, OSError):
             pass
-        finally:
-            log.debug("%s: %s %s %s -> %d", self.server.name, self.server.service, method, target, status)
-            try:
-                self.server.on_served(method, target, status)
-            except Exception:
-                log.exception("%s: recording a request failed", self.server.name)
 
 
 class _ServerMixin(socketserver.ThreadingMixIn):
