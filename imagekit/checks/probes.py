@@ -1,0 +1,194 @@
+"""Shared guest probes for the checks: each runs one fixed command (cached per context) and parses it.
+
+The command strings are constants so the unit tests' guest double can answer them, and so a reader of a
+report can paste the command from the evidence into a shell in the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from imagekit.checks.base import CheckContext
+from imagekit.checks.resource_setup import ResourceDiskPlan, plan_for
+from imagekit.distros import Agent
+from imagekit.guest import CommandResult
+
+WAAGENT_CONF = "cat /etc/waagent.conf"
+LSBLK = "lsblk -J -b -p -o NAME,KNAME,PKNAME,TYPE,SIZE,FSTYPE,MOUNTPOINT,SERIAL"
+ROOT_SOURCE = "findmnt -n -o SOURCE,FSTYPE /"
+PROC_SWAPS = "cat /proc/swaps"
+FSTAB = "cat /etc/fstab"
+SSHD_T = "sshd -T 2>&1 || /usr/sbin/sshd -T"
+CMDLINE = "cat /proc/cmdline"
+WAAGENT_VERSION = "waagent --version 2>&1 || /usr/sbin/waagent --version"
+
+
+def resource_plan(ctx: CheckContext) -> ResourceDiskPlan:
+    return ctx.plan if ctx.plan is not None else plan_for(ctx.distro)
+
+
+# --- waagent.conf -------------------------------------------------------------------------------------
+
+
+def parse_waagent_conf(text: str) -> dict[str, str]:
+    """``Key=Value`` lines as waagent reads them (comments and blanks ignored; later keys win)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def waagent_conf(ctx: CheckContext) -> tuple[dict[str, str], CommandResult]:
+    res = ctx.run(WAAGENT_CONF)
+    return (parse_waagent_conf(res.stdout) if res.ok else {}), res
+
+
+def conf_lines(res: CommandResult, prefixes: tuple[str, ...]) -> str:
+    """Only the waagent.conf lines with these key prefixes, as compact evidence."""
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith(prefixes)]
+    return f"$ {res.command}  (lines {', '.join(p + '*' for p in prefixes)})\n" + "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the agent was configured to do with the resource disk (from the guest's own config)."""
+
+    formatted: bool
+    mount_point: str
+    filesystem: str
+    swap: str  # none | file | partition
+    swap_mib: int
+    source: str  # where that came from, for the evidence
+
+
+def expected_resource_disk(ctx: CheckContext) -> tuple[Expected, list[CommandResult | str]]:
+    """waagent: the guest's /etc/waagent.conf (what the agent obeys; waagent's own defaults for missing
+    keys); cloud-init: the plan the run's CustomData was made from."""
+    plan = resource_plan(ctx)
+    if ctx.distro.agent is Agent.WAAGENT:
+        conf, res = waagent_conf(ctx)
+        if not res.ok:
+            return Expected(plan.formatted, plan.mount_point, plan.filesystem, plan.swap, plan.swap_mib,
+                            "the distro table (the guest's waagent.conf could not be read)"), [res]
+        formatted = conf.get("ResourceDisk.Format", "n").lower().startswith("y")
+        swap = formatted and conf.get("ResourceDisk.EnableSwap", "n").lower().startswith("y")
+        try:
+            size = int(conf.get("ResourceDisk.SwapSizeMB", "0"))
+        except ValueError:
+            size = 0
+        exp = Expected(formatted, conf.get("ResourceDisk.MountPoint", "/mnt/resource"),
+                       conf.get("ResourceDisk.Filesystem", "ext3"), "file" if swap else "none",
+                       size if swap else 0, "/etc/waagent.conf in the guest")
+        return exp, [conf_lines(res, ("ResourceDisk.",))]
+    desc = (f"the CustomData cloud-config of this run (mount {plan.mount_point}, {plan.filesystem}, swap "
+            f"{plan.swap}{f' {plan.swap_percent}%' if plan.swap == 'partition' else ''})")
+    return Expected(plan.formatted, plan.mount_point, plan.filesystem, plan.swap, plan.swap_mib, desc), [desc]
+
+
+# --- block devices ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockDev:
+    name: str
+    type: str
+    size: int
+    fstype: str
+    mountpoint: str
+    serial: str
+    disk: str  # the top-level disk this device lives on (itself for a disk)
+
+
+def _flatten(nodes: list[dict[str, Any]], disk: str | None, out: dict[str, BlockDev]) -> None:
+    for n in nodes:
+        name = str(n.get("name") or n.get("kname") or "")
+        top = disk or name
+        out[name] = BlockDev(
+            name=name, type=str(n.get("type") or ""), size=int(n.get("size") or 0),
+            fstype=str(n.get("fstype") or ""), mountpoint=str(n.get("mountpoint") or ""),
+            serial=str(n.get("serial") or "").strip(), disk=top,
+        )
+        kname = str(n.get("kname") or "")
+        if kname and kname not in out:
+            out[kname] = out[name]
+        _flatten(list(n.get("children") or []), top, out)
+
+
+def topology(ctx: CheckContext) -> tuple[dict[str, BlockDev], CommandResult]:
+    res = ctx.run(LSBLK)
+    out: dict[str, BlockDev] = {}
+    if res.ok:
+        with contextlib.suppress(ValueError, AttributeError):
+            _flatten(list(json.loads(res.stdout).get("blockdevices") or []), None, out)
+    return out, res
+
+
+def os_disk(ctx: CheckContext) -> tuple[str | None, list[CommandResult]]:
+    """The disk that holds the root filesystem (e.g. /dev/sda)."""
+    devs, lsblk = topology(ctx)
+    root = ctx.run(ROOT_SOURCE)
+    src = root.stdout.split()[0] if root.ok and root.stdout.split() else ""
+    dev = devs.get(src)
+    return (dev.disk if dev else None), [root, lsblk]
+
+
+def resource_disk(ctx: CheckContext) -> tuple[str | None, CommandResult]:
+    """The attached resource disk's kernel device (e.g. /dev/sdb), or None if it is absent."""
+    plan = resource_plan(ctx)
+    res = ctx.run(f"readlink -e {shlex.quote(plan.device)}")
+    name = res.stdout.strip()
+    return (name if res.ok and name.startswith("/dev/") else None), res
+
+
+def disk_of(ctx: CheckContext, device: str) -> str | None:
+    devs, _ = topology(ctx)
+    dev = devs.get(device)
+    return dev.disk if dev else None
+
+
+@dataclass(frozen=True)
+class Swap:
+    name: str
+    type: str  # file | partition
+    size_kib: int
+
+
+def swaps(ctx: CheckContext) -> tuple[list[Swap], CommandResult]:
+    res = ctx.run(PROC_SWAPS)
+    out = []
+    for line in res.stdout.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 3 and f[2].isdigit():
+            # /proc/swaps escapes spaces in names as \040
+            out.append(Swap(f[0].replace("\\040", " "), f[1], int(f[2])))
+    return out, res
+
+
+def backing_device(ctx: CheckContext, path: str) -> tuple[str | None, CommandResult]:
+    """The block device of the filesystem holding ``path``."""
+    res = ctx.run(f"findmnt -n -o SOURCE --target {shlex.quote(path)}")
+    src = res.stdout.split()[0] if res.ok and res.stdout.split() else None
+    return src, res
+
+
+def sshd_config(ctx: CheckContext) -> tuple[dict[str, str], CommandResult]:
+    """``sshd -T``: the effective sshd settings (lower-case keys; first value wins as in sshd)."""
+    res = ctx.run(SSHD_T)
+    out: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2 and re.match(r"^[a-z0-9]+$", parts[0]):
+            out.setdefault(parts[0], parts[1])
+    return out, res
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:4])

@@ -1,0 +1,222 @@
+"""Provisioning: did the image's agent do what the OVF asked, and tell the fabric it is Ready?"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from imagekit.checks.base import CheckContext, CheckResult, Evidence, check, failed, passed
+from imagekit.checks.probes import WAAGENT_VERSION, sshd_config, version_tuple
+from imagekit.checks.resource_setup import WAAGENT_UNITS
+from imagekit.distros import Agent
+from imagekit.guest import CommandResult
+from imagekit.ovf import ProvisioningProfile
+
+OVF_COPY = "/var/lib/waagent/ovf-env.xml"
+PROVISIONED_MARKER = "/var/lib/waagent/provisioned"
+
+
+def _key_id(key: str) -> tuple[str, str] | None:
+    """(type, base64 body) of an OpenSSH public key line, ignoring options and comment."""
+    m = re.search(r"((?:ssh|ecdsa|sk)-[\w@.-]+)\s+([A-Za-z0-9+/=]+)", key)
+    return (m.group(1), m.group(2)) if m else None
+
+
+@check(
+    "provisioning.user",
+    title="OVF user exists with its SSH key",
+    verifies="The user named in the OVF exists and its authorized_keys holds every public key the OVF "
+    "gave, because that key is how the VM's owner logs in.",
+    source="ovf-env.xml UserName and SSH/PublicKeys (waagent provisioning; cloud-init Azure datasource)",
+)
+def user(ctx: CheckContext) -> CheckResult:
+    name = ctx.profile.username
+    pw = ctx.run(f"getent passwd {shlex.quote(name)}")
+    if not pw.ok or not pw.stdout.strip():
+        return failed(f"user {name} does not exist", pw)
+    home = pw.stdout.strip().split(":")[5]
+    keys = ctx.run(f"cat {shlex.quote(home)}/.ssh/authorized_keys")
+    have = {_key_id(line) for line in keys.stdout.splitlines()} - {None}
+    missing = [k.split()[-1] if len(k.split()) > 2 else k[:40] for k in ctx.profile.ssh_public_keys
+               if _key_id(k) not in have]
+    if missing:
+        return failed(f"{len(missing)} of {len(ctx.profile.ssh_public_keys)} OVF key(s) missing from "
+                      f"{home}/.ssh/authorized_keys", pw, keys)
+    return passed(f"user {name} exists; all {len(ctx.profile.ssh_public_keys)} OVF key(s) authorized", pw, keys)
+
+
+@check(
+    "provisioning.password-auth",
+    title="SSH password login as the OVF says",
+    verifies="sshd's effective PasswordAuthentication is 'no' when the OVF sets "
+    "DisableSshPasswordAuthentication and 'yes' otherwise, so password logins are open only when asked.",
+    source="ovf-env.xml DisableSshPasswordAuthentication; waagent/cloud-init ssh_pwauth",
+)
+def password_auth(ctx: CheckContext) -> CheckResult:
+    cfg, res = sshd_config(ctx)
+    want = "no" if ctx.profile.disable_password_auth else "yes"
+    got = cfg.get("passwordauthentication")
+    line = f"(from sshd -T) passwordauthentication {got}"
+    if got is None:
+        return failed("sshd -T did not report passwordauthentication", res)
+    if got != want:
+        return failed(f"PasswordAuthentication is {got}; the OVF asks for {want} "
+                      f"(DisableSshPasswordAuthentication={str(ctx.profile.disable_password_auth).lower()})", line)
+    return passed(f"PasswordAuthentication {got}, as the OVF asks", line)
+
+
+@check(
+    "provisioning.hostname",
+    title="Hostname set and resolvable",
+    verifies="The guest's hostname is the OVF's HostName and resolves, because tools such as sudo and "
+    "clustered software look their own name up.",
+    source="ovf-env.xml HostName; LISA verify_dns_name_resolution",
+)
+def hostname(ctx: CheckContext) -> CheckResult:
+    want = ctx.profile.hostname
+    hn = ctx.run("hostname")
+    res = ctx.run(f"getent hosts {shlex.quote(want)} || getent ahosts {shlex.quote(want)}")
+    got = hn.stdout.strip()
+    if got != want:
+        return failed(f"hostname is {got!r}, the OVF says {want!r}", hn, res)
+    if not res.ok or not res.stdout.strip():
+        return failed(f"hostname {want} does not resolve", hn, res)
+    return passed(f"hostname {want} set and resolves to {res.stdout.split()[0]}", hn, res)
+
+
+@check(
+    "provisioning.sudo",
+    title="Sudo rules for the OVF user",
+    verifies="The OVF user may run any command as root, without a password when the OVF gave none "
+    "(otherwise the user could never use sudo).",
+    source="waagent /etc/sudoers.d/waagent; cloud-init default user sudo rule",
+)
+def sudo(ctx: CheckContext) -> CheckResult:
+    name = ctx.profile.username
+    res = ctx.run(f"sudo -l -U {shlex.quote(name)}")
+    rules = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("(")]
+    all_rules = [r for r in rules if re.match(r"^\(ALL(\s*:\s*ALL)?\)\s+(NOPASSWD:\s*)?ALL$", r)]
+    nopw = [r for r in all_rules if "NOPASSWD" in r]
+    if not all_rules:
+        return failed(f"{name} may not run ALL commands as root", res)
+    if ctx.profile.password is None and not nopw:
+        return failed(f"the OVF gave no password but {name}'s sudo rule asks for one", res)
+    return passed(f"{name}: {all_rules[0]}", res)
+
+
+@check(
+    "provisioning.marker",
+    title="Agent's provisioned marker",
+    verifies="The agent wrote its 'provisioned' state (waagent's /var/lib/waagent/provisioned; cloud-init's "
+    "boot-finished and status done), so it will not provision again on the next boot.",
+    source="waagent ProvisionHandler (provisioned file); cloud-init instance state",
+)
+def marker(ctx: CheckContext) -> CheckResult:
+    wa = ctx.run(f"ls -l {PROVISIONED_MARKER} && cat {PROVISIONED_MARKER}")
+    if ctx.distro.agent is Agent.WAAGENT:
+        if not wa.ok:
+            return failed(f"{PROVISIONED_MARKER} is missing", wa)
+        return passed(f"{PROVISIONED_MARKER} present", wa)
+    ci = ctx.run("cloud-init status --long; ls -l /var/lib/cloud/instance/boot-finished")
+    problems = []
+    if not re.search(r"^status:\s*done", ci.stdout, re.M):
+        problems.append("cloud-init status is not 'done'")
+    if "boot-finished" not in ci.stdout or "No such file" in ci.stderr:
+        problems.append("/var/lib/cloud/instance/boot-finished is missing")
+    if problems:
+        return failed("; ".join(problems), ci, wa)
+    extra = "" if wa.ok else f" ({PROVISIONED_MARKER} not written by waagent)"
+    return passed("cloud-init finished (status done, boot-finished)" + extra, ci, wa)
+
+
+def redact_ovf(text: str, profile: ProvisioningProfile) -> str:
+    """The OVF copy as safe evidence: CustomData and any password value never shown."""
+    text = re.sub(r"(<(?:\w+:)?CustomData>)(.*?)(</(?:\w+:)?CustomData>)",
+                  lambda m: f"{m.group(1)}«custom data, {len(m.group(2))} characters, not shown»{m.group(3)}",
+                  text, flags=re.S)
+
+    def pw(m: re.Match[str]) -> str:
+        v = m.group(2)
+        shown = v if v in ("*", "REDACTED", "") else "«value not shown»"
+        return f"{m.group(1)}{shown}{m.group(3)}"
+
+    text = re.sub(r"(<(?:\w+:)?UserPassword>)(.*?)(</(?:\w+:)?UserPassword>)", pw, text, flags=re.S)
+    if profile.password:
+        text = text.replace(profile.password, "«the OVF password»")
+    return text
+
+
+@check(
+    "provisioning.ovf-redacted",
+    title="OVF copy on disk has the password redacted",
+    verifies="The copy of ovf-env.xml the agents leave in /var/lib/waagent holds no clear-text password, "
+    "because that file outlives provisioning and is readable by root tools and backups.",
+    source="waagent copy_ovf_env (PASSWORD_REPLACEMENT); cloud-init Azure datasource (REDACTED)",
+)
+def ovf_redacted(ctx: CheckContext) -> CheckResult:
+    res = ctx.guest.run(f"cat {OVF_COPY}")  # not cached: it must never sit in a shared cache unredacted
+    safe = CommandResult(res.command, res.returncode, redact_ovf(res.stdout, ctx.profile), res.stderr)
+    if not res.ok:
+        return failed(f"{OVF_COPY} is missing", safe)
+    values = re.findall(r"<(?:\w+:)?UserPassword>(.*?)</(?:\w+:)?UserPassword>", res.stdout, re.S)
+    if ctx.profile.password and ctx.profile.password in res.stdout:
+        return failed(f"{OVF_COPY} contains the OVF password in clear text", safe)
+    leaked = [v for v in values if v not in ("*", "REDACTED", "")]
+    if leaked:
+        return failed(f"{OVF_COPY} has a UserPassword value that is not redacted", safe)
+    what = f"UserPassword redacted as {values[0]!r}" if values else "no UserPassword element"
+    return passed(f"{OVF_COPY}: {what}", safe)
+
+
+@check(
+    "provisioning.ready-reported",
+    title="Ready reported to the fabric",
+    verifies="The agent reported the role instance Ready to the WireServer (the emulator recorded it), "
+    "because Azure fails a deployment whose VM never reports Ready (provisioning timeout).",
+    source="WireServer POST /machine?comp=health (waagent report_ready; cloud-init _report_ready)",
+)
+def ready_reported(ctx: CheckContext) -> CheckResult:
+    reports = list(ctx.fabric.health_reports)
+    lines = [f"{i + 1}. {r.state}" + (f" {r.substatus}" if r.substatus else "")
+             + (f": {r.description}" if r.description else "")
+             + (f" (at {r.seconds:.1f} s)" if r.seconds is not None else "") for i, r in enumerate(reports)]
+    ev = "health reports recorded by the fabric emulator:\n" + ("\n".join(lines) or "(none)")
+    if not reports:
+        return failed("no health report reached the fabric emulator", ev)
+    ready = [r for r in reports if r.state == "Ready"]
+    if not ready:
+        last = reports[-1]
+        return failed(f"never reported Ready; last: {last.state} {last.substatus} {last.description}".strip(), ev)
+    return passed(f"Ready reported ({len(reports)} health report(s))", ev)
+
+
+@check(
+    "provisioning.agent-running",
+    title="Azure agent running, and its version",
+    verifies="The Azure Linux agent service is active (it reports health and runs extensions after "
+    "provisioning), and reports its version.",
+    source="create-upload-generic.md (waagent enabled); LISA smoke tests",
+)
+def agent_running(ctx: CheckContext) -> CheckResult:
+    show = ctx.run("systemctl show -p Id -p LoadState -p ActiveState -p SubState " + " ".join(WAAGENT_UNITS))
+    ver = ctx.run(WAAGENT_VERSION)
+    evidence: list[Evidence] = [show, ver]
+    units = [dict(ln.split("=", 1) for ln in block.splitlines() if "=" in ln) for block in show.stdout.split("\n\n")]
+    loaded = [u for u in units if u.get("LoadState") == "loaded"]
+    m = re.search(r"WALinuxAgent-?\s*-?\s*(\d+(?:\.\d+)+)", ver.stdout)
+    version = m.group(1) if m else "unknown"
+    ctx.facts.setdefault("agent_version", version)
+    if not loaded:
+        return failed("no waagent unit is installed", *evidence)
+    active = [u for u in loaded if u.get("ActiveState") == "active"]
+    if not active:
+        return failed(f"{loaded[0].get('Id')} is {loaded[0].get('ActiveState')}/{loaded[0].get('SubState')}",
+                      *evidence)
+    if ctx.distro.agent is Agent.CLOUD_INIT:
+        ci = ctx.run("cloud-init --version")
+        evidence.append(ci)
+        return passed(f"{active[0].get('Id')} active, waagent {version}; {ci.stdout.strip() or ci.stderr.strip()}",
+                      *evidence)
+    if version_tuple(version) == ():
+        return failed(f"{active[0].get('Id')} active but waagent --version gave no version", *evidence)
+    return passed(f"{active[0].get('Id')} active, waagent {version}", *evidence)
