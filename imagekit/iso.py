@@ -3,7 +3,9 @@
 Azure hands a new VM a UDF DVD holding ``/ovf-env.xml``; waagent mounts it with ``-t udf,iso9660`` and
 cloud-init looks for ``TYPE=udf`` or ``TYPE=iso9660`` devices. The image written here carries the file in
 all four pycdlib namespaces (ISO9660 level 3, Joliet, Rock Ridge, UDF 2.60), so either agent finds it
-whichever filesystem the guest kernel picks, and ``blkid`` reports ``TYPE=udf`` as on Azure. The volume id
+whichever filesystem the guest kernel picks, and ``blkid`` reports ``TYPE=udf`` as on Azure. (pycdlib's UDF
+2.60 layout records revision 1.02 in its descriptors, so ``blkid`` prints ``VERSION=1.02``; the Linux udf
+driver reads it either way. Azure's own UDF revision is not documented.) The volume id
 ``rd_rdfe_stable`` is the label Azure's media carry (cloud-init's ds-identify keys on the ``rd_rdfe`` prefix).
 
 The ISO holds the password and custom data, so it is written 0600, through a temporary file in the target

@@ -170,8 +170,6 @@ def parse_ssh_public_key(text: str, *, where: str = "ssh_public_keys") -> SshPub
         pkey = paramiko.PKey.from_type_string(key_type, blob)
     except Exception:  # paramiko raises SSHException, ValueError, struct/index errors on bad blobs
         raise _fail(where, f"the {key_type} key data does not parse", allowed) from None
-    if pkey.get_name() != key_type:
-        raise _fail(where, f"the key data holds a {pkey.get_name()} key, not {key_type}", allowed)
     bits = pkey.get_bits()
     if key_type == "ssh-rsa" and bits < RSA_MIN_BITS:
         raise _fail(where, f"RSA key of {bits} bits is too short for Azure", allowed)
@@ -406,12 +404,8 @@ class ProvisioningProfile:
 def _read_bytes(path: Path, field_name: str) -> bytes:
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise _fail(field_name, f"file not found: {path}", "a readable file") from None
-    except IsADirectoryError:
-        raise _fail(field_name, f"is a directory: {path}", "a readable file") from None
-    except PermissionError:
-        raise _fail(field_name, f"permission denied: {path}", "a readable file") from None
+    except OSError as exc:
+        raise _fail(field_name, f"cannot read {path}: {exc.strerror or exc}", "a readable file") from None
 
 
 def _read_text(path: Path, field_name: str) -> str:

@@ -225,6 +225,17 @@ def test_a_forged_profile_cannot_render_an_empty_provision_guest_agent(ed25519_p
         render_ovf_env(p)
 
 
+def test_even_a_broken_template_cannot_produce_an_empty_provision_guest_agent(
+    ed25519_pub: str, wa_fixtures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last line of defence: the rendered document is checked, so ovf-env-3.xml can never come out."""
+    broken = (wa_fixtures / "ovf-env-3.xml").read_text()
+    env = jinja2.Environment(loader=jinja2.DictLoader({ovf.TEMPLATE_NAME: broken}), undefined=jinja2.StrictUndefined)
+    monkeypatch.setattr(ovf, "template_environment", lambda: env)
+    with pytest.raises(InputError, match="ProvisionGuestAgent came out empty"):
+        render_ovf_env(make(ed25519_pub))
+
+
 def test_template_refuses_a_missing_variable() -> None:
     """StrictUndefined: leaving out provision_guest_agent is an error, not an empty element."""
     template = ovf.template_environment().get_template(ovf.TEMPLATE_NAME)
@@ -423,6 +434,10 @@ def test_malformed_keys_are_refused(ed25519_pub: str, mangle: Any, fragment: str
     rejects("ssh_public_keys[0]", fragment, _key=ed25519_pub, ssh_public_keys=[mangle(ed25519_pub)])
 
 
+def test_a_key_must_be_text(ed25519_pub: str) -> None:
+    rejects("ssh_public_keys[0]", "expected the key as text", _key=ed25519_pub, ssh_public_keys=[ed25519_pub.encode()])
+
+
 def test_disabled_password_auth_needs_a_key(ed25519_pub: str) -> None:
     rejects("ssh_public_keys", "no SSH public key", _key=ed25519_pub, ssh_public_keys=[], password="Passw0rd-x")
 
@@ -485,6 +500,15 @@ def test_bad_passwords(ed25519_pub: str, password: str, fragment: str) -> None:
     assert password.strip() not in repr(err)
 
 
+def test_the_disallowed_password_list_is_azures_full_list() -> None:
+    assert len(ovf.AZURE_DISALLOWED_PASSWORDS) == 10
+    assert {"abc@123", "P@$$w0rd", "P@ssw0rd", "Password1", "iloveyou!"} <= ovf.AZURE_DISALLOWED_PASSWORDS
+
+
+def test_password_must_be_text(ed25519_pub: str) -> None:
+    rejects("password", "expected text, got bytes", _key=ed25519_pub, password=b"Passw0rd-x")
+
+
 @pytest.mark.parametrize("password", sorted(ovf.AZURE_DISALLOWED_PASSWORDS))
 def test_every_azure_disallowed_password_is_refused(ed25519_pub: str, password: str) -> None:
     err = rejects("password", "Azure's disallowed passwords", _key=ed25519_pub, password=password)
@@ -536,8 +560,10 @@ def test_from_files(tmp_path: Path, ed25519_pub: str, rsa2048_pub: str) -> None:
 
 
 def test_from_files_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"^ssh_key: file not found: .*nope\.pub"):
+    with pytest.raises(InputError, match=r"^ssh_key: cannot read .*nope\.pub: No such file"):
         ProvisioningProfile.from_files(hostname="h", username="azureuser", ssh_key_files=[tmp_path / "nope.pub"])
+    with pytest.raises(InputError, match=r"^password_file: cannot read .*: Is a directory"):
+        ProvisioningProfile.from_files(hostname="h", username="azureuser", password_file=tmp_path)
     empty = tmp_path / "empty.pub"
     empty.write_text("# nothing\n")
     with pytest.raises(InputError, match="holds no key"):
