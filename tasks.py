@@ -103,4 +103,52 @@ def iso(
 # --- base images --------------------------------------------------------------------------------
 # --- provisioning on the local platform --------------------------------------------------------
 # --- checks ---------------------------------------------------------------------------------------
+
+
+@task(
+    help={
+        "distro": "the distro id to provision and check (see: invoke distros)",
+        "report_dir": "where junit.xml, report.json and report.html go (default: reports/<distro>-<time>/)",
+        "swap_percent": "cloud-init images: give the resource disk a swap partition of this share (0: none)",
+        "only": "comma-separated check ids or categories to run (default: all)",
+        "keep": "leave the VM running afterwards and print how to log in",
+        "verbose": "log debug detail",
+    }
+)
+@_cli
+def check(
+    c: Context,
+    distro: str = "",
+    report_dir: str = "",
+    swap_percent: int = 0,
+    only: str = "",
+    keep: bool = False,
+    verbose: bool = False,
+) -> None:
+    """Provision a throwaway VM, run the checks over SSH, write reports; exit code 1 if a check fails."""
+    from pathlib import Path
+
+    from imagekit import distros as table
+    from imagekit.checks import catalogue, select, summary_table
+    from imagekit.checks.pipeline import check_distro
+    from imagekit.errors import CheckFailed, InputError
+
+    if not distro:
+        raise InputError("missing required option --distro", hint="see: invoke distros")
+    d = table.get(distro)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    ids = [n for n in names if n in catalogue()]
+    categories = [n for n in names if n not in ids]
+    chosen = None
+    if names:
+        chosen = (select(ids=ids) if ids else []) + (select(categories=categories) if categories else [])
+    outcome = check_distro(d, report_dir=Path(report_dir) if report_dir else None,
+                           swap_percent=swap_percent or None, checks=chosen, keep=keep)
+    print(summary_table(outcome.runs))
+    for kind, path in outcome.reports.items():
+        print(f"{kind:6} {path}")
+    if not outcome.ok:
+        bad = [r.check.id for r in outcome.runs if not r.result.ok]
+        raise CheckFailed(f"{len(bad)} check(s) did not pass: {', '.join(bad)}",
+                          hint=f"evidence in {outcome.reports['html']}")
 # --- build, capture, gallery -----------------------------------------------------------------------

@@ -171,6 +171,8 @@ class CheckRun:
 
 
 _REGISTRY: dict[str, Check] = {}
+# Reports list checks in this order: what provisioning did first, then the disks, then the image standard.
+CATEGORY_ORDER = ("provisioning", "resource-disk", "swap", "standard")
 
 
 def check(
@@ -200,7 +202,9 @@ def check(
 def catalogue() -> dict[str, Check]:
     """Every registered check by id, in registration order."""
     _load_all()
-    return dict(_REGISTRY)
+    order = {c: i for i, c in enumerate(CATEGORY_ORDER)}
+    ranked = sorted(enumerate(_REGISTRY.values()), key=lambda ic: (order.get(ic[1].category, 99), ic[0]))
+    return {c.id: c for _, c in ranked}
 
 
 def _load_all() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -314,6 +315,13 @@ def activate_resource_disk(guest: Guest, plan: ResourceDiskPlan, *, timeout: flo
 # --- undo -----------------------------------------------------------------------------------------
 
 
+def fstab_cleanup_command(device: str, fstab: str = "/etc/fstab") -> str:
+    """A shell command deleting every fstab line that names ``device`` (sed -i writes a temp file and
+    renames it, so the file is never half-written)."""
+    escaped = re.sub(r"([\\/.^$*\[\]])", r"\\\1", device)
+    return f"sed -i '/{escaped}/d' {shlex.quote(fstab)}"
+
+
 def undo_test_setup(guest: Guest, distro: Distro, plan: ResourceDiskPlan | None = None) -> list[str]:
     """Remove what the resource-disk test set-up changed in the guest outside /run, and verify it.
 
@@ -328,9 +336,7 @@ def undo_test_setup(guest: Guest, distro: Distro, plan: ResourceDiskPlan | None 
     dev = shlex.quote(plan.device)
     fstab = guest.run(f"grep -nF {dev} /etc/fstab")
     if fstab.stdout.strip():
-        escaped = plan.device.replace("/", "\\/")
-        _must(guest, f"sed -i.imagekit-tmp '/{escaped}/d' /etc/fstab && rm -f /etc/fstab.imagekit-tmp",
-              "removing the resource-disk lines from /etc/fstab")
+        _must(guest, fstab_cleanup_command(plan.device), "removing the resource-disk lines from /etc/fstab")
         done.append(f"removed from /etc/fstab: {fstab.stdout.strip()}")
     # Swap and mounts on the resource disk go away at shutdown anyway; turning them off here lets the
     # mount point be removed and keeps deprovisioning from racing the agent's swap file.
