@@ -101,6 +101,25 @@ def iso(
     path = write_ovf_iso(profile, output)
     print(path)
 # --- base images --------------------------------------------------------------------------------
+@task(help={
+    "distro": "distro id from the table (invoke distros lists them), e.g. debian-12",
+    "rebuild": "build again even if an image with the same inputs is cached",
+    "verbose": "log debug detail (every command run)",
+})
+@_cli
+def base(c: Context, distro: str = "debian-12", rebuild: bool = False, verbose: bool = False) -> None:
+    """Build (or find in the cache) the distro's base image; print its path on the last line.
+
+    The image is read-only: put a qcow2 overlay on it, never write to it.
+    """
+    from imagekit.base import ensure_base
+
+    img = ensure_base(distro, rebuild=rebuild)
+    print(f"{img.distro_id}: kernel {img.kernel}, {len(img.packages)} packages, "
+          f"{'cached' if img.cached else 'built'}; meta {img.meta}")
+    print(img.path)
+
+
 # --- provisioning on the local platform --------------------------------------------------------
 # --- checks ---------------------------------------------------------------------------------------
 
