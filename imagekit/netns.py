@@ -5,10 +5,11 @@ The harness starts ``python -m imagekit.netns CONFIG.json`` under ``unshare --ne
 exists, so QEMU's user networking (slirp) can NAT the guest's connections to nowhere but the namespace's
 own loopback:
 
-* the guest's gateway is slirp's host address 168.63.129.16, and slirp turns connections to it into
-  connections to 127.0.0.1 in the namespace: the relays on 127.0.0.1:80 (WireServer) and :32526
-  (HostGAPlugin) carry them to the emulator's Unix sockets;
-* 169.254.169.254 is added to ``lo``, so slirp's NAT to IMDS lands on the relay on 169.254.169.254:80;
+* the guest's gateway is slirp's host address 168.63.129.16, and slirp turns connections to it (to any
+  address of its virtual network, in fact) into connections to 127.0.0.1 in the namespace: the relays on
+  127.0.0.1:80 (WireServer) and :32526 (HostGAPlugin) carry them to the emulator's Unix sockets;
+* 169.254.169.254 lies outside the virtual network, so slirp NATs it as a remote address; added to
+  ``lo``, it lands on the relay on 169.254.169.254:80 (IMDS);
 * slirp forwards guest DNS to the nameserver in /etc/resolv.conf; a private bind mount points that at
   127.0.0.1, where a small server answers with :func:`imagekit.fabric.dns_answer` (the VM's own name,
   as Azure's DNS resolves VM names) and nothing else;
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from imagekit.errors import HostError
 from imagekit.run import run
@@ -165,8 +166,7 @@ class _DNSProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) > _DNS_MAX or self.transport is None:

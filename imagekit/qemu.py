@@ -56,9 +56,10 @@ AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
 
 WIRESERVER_IP = "168.63.129.16"
 IMDS_IP = "169.254.169.254"
-# One /7 covers both 168.63.129.16 and 169.254.169.254, so the WireServer can be slirp's host address
-# (the guest's default gateway) while IMDS stays an ordinary remote address slirp NATs to.
-GUEST_NET = "168.0.0.0/7"
+# The WireServer is slirp's host address, so it is the guest's default gateway (waagent accepts that route
+# as proof of the endpoint). slirp maps every address inside its network to the host's loopback, so IMDS
+# must stay outside it: then it is an ordinary remote address that slirp NATs to.
+GUEST_NET = "168.63.129.0/24"
 GUEST_DHCP_START = "168.63.129.100"
 GUEST_SSH_PORT = 22
 

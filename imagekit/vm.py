@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -424,6 +425,24 @@ class VM:
                 raise self._failure(f"timed out after {timeout:.0f} s waiting for {what}")
             if cond(min(slice_seconds, remaining)):
                 return time.monotonic() - start
+
+    def wait_console(self, pattern: str | re.Pattern[str], *, timeout: float, what: str) -> re.Match[str]:
+        """Wait until the serial console shows ``pattern``; returns the match (the VM is checked while
+        waiting, and a timeout raises :class:`VMError` with the console tail)."""
+        rx = re.compile(pattern)
+        found: list[re.Match[str]] = []
+
+        def seen(slice_seconds: float) -> bool:
+            m = rx.search(self.console_text())
+            if m:
+                found.append(m)
+                return True
+            # A plain file gives no cheap change notification: look again a moment later.
+            self._stop_watch.wait(min(slice_seconds, 0.25))
+            return False
+
+        self.wait_until(seen, timeout=timeout, what=what)
+        return found[0]
 
     # --- stopping --------------------------------------------------------------------------------
 

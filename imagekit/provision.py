@@ -1,0 +1,225 @@
+"""Provision a throwaway VM from a base image the way Azure does, and log in to it.
+
+::
+
+    with provision("debian-12") as pvm:
+        print(pvm.guest.run("systemd-detect-virt").stdout)
+
+The base image never changes: the VM boots a qcow2 overlay on it. The image's own agent provisions it
+from the OVF ISO (CD-ROM) and the emulated fabric (:mod:`imagekit.fabric`), reached through the VM's
+private network namespace (:mod:`imagekit.netns`). The harness waits on the fabric's record of the
+agent's health reports (an event, no fixed sleeps): Ready, or the agent's own failure description. Then
+it logs in over SSH with the provisioned user and a throwaway key. With cloud-init, Ready is reported
+before the user exists, so the SSH login (after cloud-init printed the host keys on the console, which
+then also pins the host key) is what marks the VM as provisioned.
+
+Timings (seconds after QEMU started): first console output, Ready, SSH ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagekit import distros, qemu
+from imagekit.distros import Agent, Distro
+from imagekit.errors import ProvisioningError
+from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
+from imagekit.iso import write_ovf_iso
+from imagekit.log import Timings
+from imagekit.ovf import ProvisioningProfile
+from imagekit.paths import cache_dir
+from imagekit.resourcedisk import create_resource_disk
+from imagekit.run import run
+from imagekit.ssh import (
+    HostKeyPolicy,
+    ReportedHostKeys,
+    SSHGuest,
+    SSHTimeout,
+    generate_keypair,
+    host_keys_from_console,
+    load_private_key,
+)
+from imagekit.vm import VM, GuestNetwork, private_tmpdir
+
+log = logging.getLogger("imagekit.provision")
+
+DEFAULT_USERNAME = "azureuser"
+READY_TIMEOUT = 900.0
+SSH_TIMEOUT = 600.0
+_KEYS_ON_CONSOLE = re.compile(r"-----END SSH HOST KEY KEYS-----")
+
+
+@dataclass
+class ProvisionedVM:
+    """A provisioned, logged-in VM. ``guest`` runs commands; ``private_key`` exists while the VM does."""
+
+    distro: Distro
+    vm: VM
+    fabric: Fabric
+    guest: SSHGuest
+    profile: ProvisioningProfile
+    timings: Timings
+    console_log: Path
+    run_dir: Path
+    private_key: Path
+    host_key_source: str = ""
+    ready_report: ReportedState | None = None
+    kept: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def username(self) -> str:
+        return self.profile.username
+
+    def ssh_command(self) -> str:
+        """A shell command that logs in to the VM through its Unix socket (for ``--keep``)."""
+        sock = self.vm.ssh_socket
+        proxy = f"socat - UNIX-CONNECT:{sock}"
+        return shlex.join([
+            "ssh", "-i", os.fspath(self.private_key), "-o", f"ProxyCommand={proxy}",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            f"{self.username}@{self.profile.hostname}",
+        ])
+
+
+def _default_run_dir(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return cache_dir() / "runs" / f"{stamp}-{name}"
+
+
+def _make_overlay(base: Path, overlay: Path) -> None:
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", os.fspath(base.resolve()),
+         os.fspath(overlay)])
+
+
+def _wait_ready(vm: VM, fabric: Fabric, timeout: float) -> ReportedState:
+    deadline = time.monotonic() + timeout
+    while True:
+        vm.check()
+        remaining = deadline - time.monotonic()
+        try:
+            return fabric.wait_for_ready(max(0.0, min(1.0, remaining)))
+        except AgentReportedFailure as exc:
+            raise ProvisioningError(f"VM {vm.name}: {exc.message}", console_tail=vm.console_tail(),
+                                    hint=f"full console log: {vm.console_log}") from exc
+        except ReadyTimeout as exc:
+            if remaining <= 0:
+                raise ProvisioningError(f"VM {vm.name}: {exc.message}", console_tail=vm.console_tail(),
+                                        hint=f"full console log: {vm.console_log}") from exc
+
+
+@contextlib.contextmanager
+def provision(
+    distro: str | Distro,
+    *,
+    profile: ProvisioningProfile | None = None,
+    custom_data: bytes | None = None,
+    keep: bool = False,
+    workdir: Path | None = None,
+    base_image: Path | None = None,
+    memory_mib: int = 1024,
+    cpus: int = 1,
+    resource_disk_mib: int = 2048,
+    ready_timeout: float = READY_TIMEOUT,
+    ssh_timeout: float = SSH_TIMEOUT,
+    accel: qemu.Accel | None = None,
+    name: str | None = None,
+) -> Iterator[ProvisionedVM]:
+    """Boot ``distro``'s base image as a fresh VM, let its agent provision it, log in; tear down after.
+
+    ``profile`` defaults to user ``azureuser`` with a throwaway Ed25519 key and a random hostname;
+    a given profile gets the throwaway key added to its keys (the harness needs to log in).
+    ``custom_data`` goes into the default profile. ``workdir`` receives the run directory (console log,
+    QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``. ``keep`` leaves the VM running
+    when the block ends without an error (see :attr:`ProvisionedVM.kept`).
+    """
+    d = distros.get(distro) if isinstance(distro, str) else distro
+    suffix = secrets.token_hex(3)
+    vm_name = name or f"{d.id}-{suffix}"
+    run_dir = Path(workdir) / vm_name if workdir else _default_run_dir(vm_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings = Timings()
+    vlog = logging.LoggerAdapter(log, {})
+    if base_image is None:
+        from imagekit.base import ensure_base
+
+        base_image = ensure_base(d).path
+    private = private_tmpdir(vm_name)
+    kept = False
+    try:
+        key_path, public_key = generate_keypair(private)
+        hostname = profile.hostname if profile else f"ik-{suffix}"
+        if profile is None:
+            profile = ProvisioningProfile.create(hostname=hostname, username=DEFAULT_USERNAME,
+                                                 ssh_public_keys=[public_key], custom_data=custom_data)
+        else:
+            profile = dataclasses.replace(profile, ssh_public_keys=(*profile.ssh_public_keys, public_key))
+        overlay = private / "os.qcow2"
+        _make_overlay(Path(base_image), overlay)
+        resource = create_resource_disk(private / "resource.raw", resource_disk_mib)
+        iso = write_ovf_iso(profile, private / "ovf.iso")
+        vm_uuid = uuid.uuid4()
+        mac = qemu.random_mac()
+        identity = VMIdentity(vm_uuid=vm_uuid, mac=mac, ip=qemu.GUEST_DHCP_START,
+                              prefix_len=int(qemu.GUEST_NET.split("/")[1]))
+        sockdir = private / "fabric"
+        sockdir.mkdir(mode=0o700)
+        with Fabric(profile, identity, name=vm_name) as fabric:
+            paths = fabric.start(sockdir)
+            network = GuestNetwork(mac=mac, hostname=profile.hostname, wire_socket=paths.wire,
+                                   hostga_socket=paths.hostga, imds_socket=paths.imds,
+                                   dns_names=fabric.dns_names())
+            with VM(vm_name, run_dir=run_dir, memory_mib=memory_mib, cpus=cpus, os_disk=overlay, iso=iso,
+                    resource_disk=resource, network=network, accel=accel, vm_uuid=vm_uuid,
+                    private_dir=private, keep=keep, timings=timings) as vm:
+                vlog = vm.log  # type: ignore[assignment]
+                ready = _wait_ready(vm, fabric, ready_timeout)
+                vm.mark("ready")
+                policy = HostKeyPolicy()
+                if d.agent is Agent.CLOUD_INIT:
+                    # cloud-init prints the host keys late (final stage), after creating the user: waiting for
+                    # them is also waiting for the user, and lets the first login check the host key.
+                    vm.wait_console(_KEYS_ON_CONSOLE, timeout=ssh_timeout,
+                                    what="cloud-init's SSH host keys on the serial console")
+                    vm.mark("host keys on console")
+
+                    def reported() -> ReportedHostKeys:
+                        return host_keys_from_console(vm.console_text())
+
+                    policy = HostKeyPolicy(reported=reported)
+                assert vm.ssh_socket is not None
+                guest = SSHGuest(vm.ssh_socket, profile.username, load_private_key(key_path), policy=policy,
+                                 name=vm_name)
+                try:
+                    guest.connect(ssh_timeout, alive=vm.check)
+                except SSHTimeout as exc:
+                    raise ProvisioningError(f"VM {vm_name}: {exc.message}", console_tail=vm.console_tail(),
+                                            hint=f"full console log: {vm.console_log}") from exc
+                vm.mark("ssh ready")
+                pvm = ProvisionedVM(distro=d, vm=vm, fabric=fabric, guest=guest, profile=profile,
+                                    timings=timings, console_log=vm.console_log, run_dir=run_dir,
+                                    private_key=key_path, host_key_source=policy.how, ready_report=ready)
+                try:
+                    yield pvm
+                finally:
+                    guest.close()
+                kept = keep
+                pvm.kept = kept
+                if kept:
+                    vlog.info("kept running; log in with:\n  %s", pvm.ssh_command())
+    finally:
+        if not kept:
+            shutil.rmtree(private, ignore_errors=True)
+        vlog.info("timings (s after QEMU start): %s", timings.as_dict())
