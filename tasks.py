@@ -121,6 +121,46 @@ def base(c: Context, distro: str = "debian-12", rebuild: bool = False, verbose: 
 
 
 # --- provisioning on the local platform --------------------------------------------------------
+@task(help={
+    "distro": "distro id from the table (invoke distros lists them), e.g. debian-12",
+    "keep": "leave the VM running afterwards and print how to log in (the emulated fabric stops)",
+    "custom_data": "a file passed to the VM as CustomData (cloud-config, script; at most 65535 bytes)",
+    "workdir": "where the run directory (console log, QEMU and namespace logs) goes (default: the cache)",
+    "memory": "guest memory in MiB",
+    "cpus": "virtual CPUs",
+    "verbose": "log debug detail (every command run)",
+})
+@_cli
+def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_data: str = "",
+              workdir: str = "", memory: int = 1024, cpus: int = 1, verbose: bool = False) -> None:
+    """Boot the distro's base image as a throwaway VM, let its agent provision it, log in over SSH.
+
+    Ends when the agent reported Ready to the emulated fabric and SSH login works (or fails with why).
+    """
+    from pathlib import Path
+
+    from imagekit.errors import InputError
+    from imagekit.provision import provision as provision_vm
+
+    data = None
+    if custom_data:
+        try:
+            data = Path(custom_data).read_bytes()
+        except OSError as exc:
+            raise InputError(f"--custom-data: cannot read {custom_data}: {exc.strerror}") from None
+    with provision_vm(distro, custom_data=data, keep=keep, workdir=Path(workdir) if workdir else None,
+                      memory_mib=memory, cpus=cpus) as pvm:
+        who = pvm.guest.run("id -un; hostname; systemd-detect-virt", sudo=False).stdout.split()
+        print(f"{pvm.vm.name}: provisioned by {pvm.distro.agent.value}; logged in as {' '.join(who[:1])} "
+              f"on {' '.join(who[1:2])} ({' '.join(who[2:3])})")
+        print("timings (s after QEMU start): " + ", ".join(f"{k} {v:.1f}" for k, v in pvm.timings.as_dict().items()))
+        print(f"console log: {pvm.console_log}")
+    if pvm.kept:
+        print("the VM keeps running; log in with:")
+        print(f"  {pvm.ssh_command()}")
+        print(f"stop it with:  kill {pvm.vm.child_pid} && rm -rf {pvm.vm.private_dir}")
+
+
 # --- checks ---------------------------------------------------------------------------------------
 
 
@@ -171,3 +211,126 @@ def check(
         raise CheckFailed(f"{len(bad)} check(s) did not pass: {', '.join(bad)}",
                           hint=f"evidence in {outcome.reports['html']}")
 # --- build, capture, gallery -----------------------------------------------------------------------
+
+@task(
+    help={
+        "distro": "the distro id to build (see: invoke distros)",
+        "version": "the image version, Major.Minor.Patch (default: <distro major>.<minor>.<YYYYMMDD><NN>)",
+        "report_dir": "where the build and verify check reports go (default: reports/build-<distro>-<time>/)",
+        "skip_deprovision": "TEST OPTION: capture without deprovisioning (the scan and the verify boot must "
+                            "catch it)",
+        "skip_scan": "TEST OPTION: skip the offline leak scan (to show the verify boot catches a bad image)",
+        "verbose": "log debug detail",
+    }
+)
+@_cli
+def build(
+    c: Context,
+    distro: str = "",
+    version: str = "",
+    report_dir: str = "",
+    skip_deprovision: bool = False,
+    skip_scan: bool = False,
+    verbose: bool = False,
+) -> None:
+    """Build an image: base, provision + checks, deprovision, capture (VHD + qcow2), verify boot, register."""
+    from pathlib import Path
+
+    from imagekit.build import BuildOptions
+    from imagekit.build import build as run_build
+    from imagekit.errors import InputError
+
+    if not distro:
+        raise InputError("missing required option --distro", hint="see: invoke distros")
+    result = run_build(distro, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
+                                            skip_scan=skip_scan,
+                                            report_dir=Path(report_dir) if report_dir else None))
+    stages = result.manifest.get("timings", {}).get("stages", {})
+    for name, seconds in stages.items():
+        print(f"  {name:45} {seconds:8.1f} s")
+    for a in result.manifest["artifacts"]:
+        print(f"{a['name']:12} {a['size'] / 2**30:7.2f} GiB virtual file, {a['allocated'] / 2**20:8.1f} MiB on disk"
+              f"  sha256 {a['sha256']}")
+    print(f"registered {distro} {result.version}")
+    print(result.path)
+
+
+@task(
+    help={
+        "distro": "only this distro",
+        "latest": "print only the version that resolves as latest (needs --distro)",
+        "all": "also list removed versions",
+        "json": "print JSON instead of a table",
+        "verbose": "log debug detail",
+    }
+)
+@_cli
+def images(c: Context, distro: str = "", latest: bool = False, all: bool = False, json: bool = False,
+           verbose: bool = False) -> None:
+    """List the local gallery's image versions, latest first, with their status."""
+    import json as jsonlib
+
+    from imagekit.errors import InputError
+    from imagekit.gallery import Gallery
+
+    g = Gallery()
+    if latest:
+        if not distro:
+            raise InputError("--latest needs --distro", hint="latest is resolved per distro, as in Azure")
+        iv = g.latest(distro)
+        print(jsonlib.dumps(iv.as_dict(), indent=2) if json else f"{iv.distro} {iv.version}\n{iv.path}")
+        return
+    versions = g.versions(distro or None, include_removed=all)
+    if json:
+        print(jsonlib.dumps([v.as_dict() for v in versions], indent=2))
+        return
+    if not versions:
+        print("no image versions registered" + (f" for {distro}" if distro else ""))
+        return
+    rows = [("DISTRO", "VERSION", "STATUS", "END OF LIFE", "REGISTERED")]
+    rows += [(v.distro, str(v.version), v.status().value, v.end_of_life.isoformat() if v.end_of_life else "-",
+              v.registered_at) for v in versions]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(r[i].ljust(widths[i]) for i in range(5)).rstrip())
+
+
+@task(
+    help={
+        "distro": "the distro id",
+        "version": "the version to deprecate",
+        "end_of_life": "end-of-life date, YYYY-MM-DD",
+        "keep_in_latest": "do not exclude it from latest until the end-of-life date passes",
+        "verbose": "log debug detail",
+    }
+)
+@_cli
+def images_deprecate(c: Context, distro: str = "", version: str = "", end_of_life: str = "",
+                     keep_in_latest: bool = False, verbose: bool = False) -> None:
+    """Deprecate an image version: set its end-of-life date and exclude it from latest."""
+    import datetime as dt
+
+    from imagekit.errors import InputError
+    from imagekit.gallery import Gallery
+
+    if not (distro and version and end_of_life):
+        raise InputError("--distro, --version and --end-of-life are required")
+    try:
+        eol = dt.date.fromisoformat(end_of_life)
+    except ValueError:
+        raise InputError(f"bad --end-of-life {end_of_life!r}; allowed: a date as YYYY-MM-DD") from None
+    iv = Gallery().deprecate(distro, version, eol, exclude_from_latest=not keep_in_latest)
+    print(f"{iv.distro} {iv.version}: {iv.status().value}, end of life {eol.isoformat()}")
+
+
+@task(help={"distro": "the distro id", "version": "the version to remove", "verbose": "log debug detail"})
+@_cli
+def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool = False) -> None:
+    """Remove an image version's files from the gallery (its number is never reused)."""
+    from imagekit.errors import InputError
+    from imagekit.gallery import Gallery
+
+    if not (distro and version):
+        raise InputError("--distro and --version are required")
+    Gallery().remove(distro, version)
+    print(f"removed {distro} {version}")
