@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,13 @@ def build_dir(distro_dir: Path) -> Iterator[Path]:
     try:
         yield d
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        # After Ctrl-C, children of the build (dpkg under mmdebstrap) may still be exiting and writing
+        # for a moment; try again briefly rather than leave a half tree behind.
+        for attempt in range(10):
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                break
+            time.sleep(0.5 * (attempt + 1))
 
 
 def fsync_dir(path: Path) -> None:

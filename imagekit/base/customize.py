@@ -39,7 +39,7 @@ done
 """
 
 _HOSTKEY_UNIT_TEXT = """[Unit]
-Description=Generate missing SSH host keys (the image ships none)
+Description=Generate SSH host keys
 DefaultDependencies=no
 After=local-fs.target
 Before=ssh.service ssh.socket sshd.service cloud-init.service walinuxagent.service
