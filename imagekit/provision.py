@@ -28,7 +28,7 @@ import shlex
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +36,9 @@ from imagekit import distros, qemu
 from imagekit.distros import Agent, Distro
 from imagekit.errors import ProvisioningError
 from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
-from imagekit.iso import write_ovf_iso
+from imagekit.iso import build_iso_bytes, write_ovf_iso
 from imagekit.log import Timings
-from imagekit.ovf import ProvisioningProfile
+from imagekit.ovf import ProvisioningProfile, render_ovf_env
 from imagekit.paths import cache_dir
 from imagekit.resourcedisk import create_resource_disk
 from imagekit.run import run
@@ -136,6 +136,7 @@ def provision(
     ssh_timeout: float = SSH_TIMEOUT,
     accel: qemu.Accel | None = None,
     name: str | None = None,
+    ovf_transform: Callable[[str], str] | None = None,
 ) -> Iterator[ProvisionedVM]:
     """Boot ``distro``'s base image as a fresh VM, let its agent provision it, log in; tear down after.
 
@@ -143,7 +144,9 @@ def provision(
     a given profile gets the throwaway key added to its keys (the harness needs to log in).
     ``custom_data`` goes into the default profile. ``workdir`` receives the run directory (console log,
     QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``. ``keep`` leaves the VM running
-    when the block ends without an error (see :attr:`ProvisionedVM.kept`).
+    when the block ends without an error (see :attr:`ProvisionedVM.kept`). ``ovf_transform`` rewrites
+    the rendered ovf-env.xml before it goes on the ISO (fault tests: an OVF the agent must reject; the
+    fabric still serves ``profile``).
     """
     d = distros.get(distro) if isinstance(distro, str) else distro
     suffix = secrets.token_hex(3)
@@ -169,7 +172,14 @@ def provision(
         overlay = private / "os.qcow2"
         _make_overlay(Path(base_image), overlay)
         resource = create_resource_disk(private / "resource.raw", resource_disk_mib)
-        iso = write_ovf_iso(profile, private / "ovf.iso")
+        iso = private / "ovf.iso"
+        if ovf_transform is None:
+            write_ovf_iso(profile, iso)
+        else:
+            xml = ovf_transform(render_ovf_env(profile))
+            fd = os.open(iso, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(build_iso_bytes(xml.encode()))
         vm_uuid = uuid.uuid4()
         mac = qemu.random_mac()
         identity = VMIdentity(vm_uuid=vm_uuid, mac=mac, ip=qemu.GUEST_DHCP_START,

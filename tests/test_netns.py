@@ -1,0 +1,205 @@
+"""The namespace child's plumbing, without QEMU: a stand-in payload plays the guest side.
+
+The child (``python -m imagekit.netns``) runs whatever argv it is given as "QEMU". Here that is a small
+Python program that, from inside the private namespace, uses the relays exactly as slirp would (TCP to
+127.0.0.1:80/:32526 and 169.254.169.254:80, DNS to 127.0.0.1:53), checks that the host is out of reach,
+and listens where QEMU's hostfwd would, so the harness can come in through the SSH Unix socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagekit import netns
+from imagekit.fabric import dns_names
+
+GUEST_SIDE = textwrap.dedent(r"""
+    import json, os, socket, sys
+    import dns.message, dns.query, dns.rcode
+    out, ssh_port, host_ip, host_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", ssh_port)); srv.listen()
+    def ask(host, port):
+        try:
+            s = socket.create_connection((host, port), 5)
+            s.sendall(b"hello"); s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(100):
+                data += chunk
+            return data.decode()
+        except OSError as e:
+            return "error: " + type(e).__name__
+    res = {"wire": ask("127.0.0.1", 80), "hostga": ask("127.0.0.1", 32526), "imds": ask("169.254.169.254", 80),
+           "host": ask(host_ip, host_port), "internet": ask("1.1.1.1", 80)}
+    def resolve(name):
+        r = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", timeout=5)
+        return [dns.rcode.to_text(r.rcode()), [str(rr) for rrset in r.answer for rr in rrset]]
+    res["dns_own"] = resolve("vm1")
+    res["dns_other"] = resolve("example.com")
+    res["resolv_conf"] = open("/etc/resolv.conf").read()
+    res["links"] = sorted(name for _, name in socket.if_nameindex())
+    res["netns"] = os.readlink("/proc/self/ns/net")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f)
+    os.replace(tmp, out)
+    conn, _ = srv.accept()
+    conn.sendall(b"guest sshd side"); conn.close()
+""")
+
+
+class _Tagged(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def _serve(path: Path, tag: str) -> _Tagged:
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            data = self.rfile.read(100)
+            self.wfile.write(f"{tag} got {data.decode()}".encode())
+
+    srv = _Tagged(str(path), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def _host_ip() -> str:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # no packet is sent; this only picks the outgoing address
+        return str(s.getsockname()[0])
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def host_listener() -> Iterator[int]:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 0))
+    srv.listen()
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def _events(proc: subprocess.Popen[bytes]) -> Iterator[dict[str, object]]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        yield json.loads(line)
+
+
+def test_relays_dns_and_isolation(tmp_path: Path, host_listener: int) -> None:
+    host_resolv = Path("/etc/resolv.conf").read_text()
+    servers = [_serve(tmp_path / f"{n}.sock", n) for n in ("wire", "hostga", "imds")]
+    results = tmp_path / "results.json"
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\n")
+    config = netns.NamespaceConfig(
+        qemu_argv=[sys.executable, "-c", GUEST_SIDE, str(results), "2222", _host_ip(), str(host_listener)],
+        parent_pid=os.getpid(),
+        qemu_stderr=str(tmp_path / "payload.log"),
+        relays=[netns.Relay("127.0.0.1", 80, str(tmp_path / "wire.sock")),
+                netns.Relay("127.0.0.1", 32526, str(tmp_path / "hostga.sock")),
+                netns.Relay("169.254.169.254", 80, str(tmp_path / "imds.sock"))],
+        ssh_socket=str(tmp_path / "ssh.sock"), ssh_port=2222,
+        dns_names=dns_names("vm1", "168.63.129.100"), resolv_conf=str(resolv),
+    )
+    cfg = tmp_path / "netns.json"
+    cfg.write_text(config.to_json())
+    with open(tmp_path / "child.log", "wb") as child_log:
+        proc = subprocess.Popen(netns.child_argv(cfg), stdout=subprocess.PIPE, stderr=child_log,
+                                start_new_session=True, preexec_fn=netns.set_pdeathsig)
+    try:
+        events = _events(proc)
+        started = next(events)
+        assert started["event"] == "started", (started, (tmp_path / "child.log").read_text())
+        deadline = time.monotonic() + 60
+        while not results.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "payload.log").read_text()
+            time.sleep(0.1)
+        res = json.loads(results.read_text())
+        assert res["wire"] == "wire got hello"
+        assert res["hostga"] == "hostga got hello"
+        assert res["imds"] == "imds got hello"
+        assert res["host"].startswith("error"), "the host's services must be out of reach"
+        assert res["internet"].startswith("error")
+        assert res["dns_own"] == ["NOERROR", ["168.63.129.100"]]
+        assert res["dns_other"][0] == "NXDOMAIN"
+        assert res["resolv_conf"] == "nameserver 127.0.0.1\n"
+        assert res["links"] == ["lo"]
+        assert res["netns"] != os.readlink("/proc/self/ns/net")
+        # The harness's way in: the Unix socket, relayed to the "hostfwd" port inside.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(tmp_path / "ssh.sock"))
+            assert s.recv(100) == b"guest sshd side"
+        exited = next(events)
+        assert exited == {"event": "exited", "returncode": 0}
+        assert proc.wait(10) == 0
+        # The bind mount was private to the namespace.
+        assert Path("/etc/resolv.conf").read_text() == host_resolv
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_child_and_payload_die_with_the_harness(tmp_path: Path) -> None:
+    """SIGKILL the harness: the parent-death signal takes the namespace child and "QEMU" with it."""
+    config = tmp_path / "netns.json"
+    harness = textwrap.dedent(f"""
+        import json, os, subprocess, sys, time
+        from imagekit import netns
+        cfg = netns.NamespaceConfig(qemu_argv=["sleep", "3{os.getpid()}"], parent_pid=os.getpid(),
+                                    qemu_stderr={str(tmp_path / 'q.log')!r})
+        open({str(config)!r}, "w").write(cfg.to_json())
+        p = subprocess.Popen(netns.child_argv({str(config)!r}), stdout=subprocess.PIPE,
+                             start_new_session=True, preexec_fn=netns.set_pdeathsig)
+        ev = json.loads(p.stdout.readline())
+        print(json.dumps({{"child": p.pid, "qemu": ev["qemu_pid"]}}), flush=True)
+        time.sleep(600)
+    """)
+    h = subprocess.Popen([sys.executable, "-c", harness], stdout=subprocess.PIPE)
+    try:
+        assert h.stdout is not None
+        pids = json.loads(h.stdout.readline())
+        assert _alive(pids["child"]) and _alive(pids["qemu"])
+        h.kill()
+        h.wait()
+        deadline = time.monotonic() + 20
+        while (_alive(pids["child"]) or _alive(pids["qemu"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pids["child"]), "namespace child outlived the harness"
+        assert not _alive(pids["qemu"]), "the VM process outlived the harness"
+    finally:
+        if h.poll() is None:
+            h.kill()
+            h.wait()
