@@ -35,7 +35,7 @@ log = logging.getLogger("imagekit.base")
 
 # Modules whose code decides the bytes of a bootstrapped image: part of the cache key.
 _RECIPE_FILES = ("apt.py", "bootstrap.py", "customize.py", "disk.py")
-_DOWNLOAD_RECIPE_FILES = ("download.py", "customize.py", "disk.py")
+_DOWNLOAD_RECIPE_FILES = ("download.py", "offline.py", "customize.py", "disk.py")
 # A bootstrap needs the root tree (~0.5-1 GiB), the disk's data (the same again) and the qcow2.
 MIN_FREE_MIB = 3 * 1024
 

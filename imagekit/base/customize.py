@@ -128,14 +128,37 @@ def configure_agent(root: Path, distro: Distro) -> None:
                "# Written by imagekit from the distro table.\n" + json.dumps(dict(distro.cloud_init), indent=2) + "\n")
 
 
+def _set_sshd_option(text: str, key: str, value: str) -> str:
+    lines = text.splitlines()
+    pat = re.compile(rf"^\s*#?\s*{key}\s", re.I)
+    for i, line in enumerate(lines):
+        if pat.match(line) and not line.lstrip().lower().startswith("match"):
+            lines[i] = f"{key} {value}"
+            break
+    else:
+        # Before any Match block, where a global setting must go.
+        idx = next((i for i, line in enumerate(lines) if line.lstrip().lower().startswith("match ")), len(lines))
+        lines.insert(idx, f"{key} {value}")
+    return "\n".join(lines) + "\n"
+
+
 def configure_ssh(root: Path, distro: Distro) -> None:
-    _write(root / "etc/ssh/sshd_config.d/50-azure.conf",
-           "# Written by imagekit from the distro table (Azure: ClientAliveInterval 30-235, 180 recommended).\n"
-           f"ClientAliveInterval {distro.ssh.client_alive_interval}\n"
-           f"PermitRootLogin {distro.ssh.permit_root_login}\n")
+    """sshd settings from the table, no host keys, and a unit that makes them at first boot."""
+    settings = {"ClientAliveInterval": str(distro.ssh.client_alive_interval),
+                "PermitRootLogin": distro.ssh.permit_root_login}
     main = root / "etc/ssh/sshd_config"
-    if main.exists() and not re.search(r"^\s*Include\s+/etc/ssh/sshd_config\.d/", main.read_text(), re.M):
-        raise BuildError("/etc/ssh/sshd_config does not include sshd_config.d/; the settings would not apply")
+    text = main.read_text() if main.exists() else ""
+    if re.search(r"^\s*Include\s+/etc/ssh/sshd_config\.d/", text, re.M):
+        _write(root / "etc/ssh/sshd_config.d/50-azure.conf",
+               "# Written by imagekit from the distro table (Azure: ClientAliveInterval 30-235, 180 recommended).\n"
+               + "".join(f"{k} {v}\n" for k, v in settings.items()))
+    elif main.exists():
+        # No drop-in directory in this sshd (older releases): set the values in the main file.
+        for k, v in settings.items():
+            text = _set_sshd_option(text, k, v)
+        main.write_text(text)
+    else:
+        raise BuildError("openssh-server is not installed in the image (no /etc/ssh/sshd_config)")
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     _write(root / "etc/systemd/system" / HOSTKEY_UNIT, _HOSTKEY_UNIT_TEXT)
