@@ -240,6 +240,13 @@ class VM:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc_type is None:
+            # A block that ended normally while QEMU had died must not look like success.
+            try:
+                self.check()
+            except BaseException:
+                self._teardown(graceful=False)
+                raise
         if self.keep and exc_type is None:
             self.detach()
             return
@@ -301,7 +308,13 @@ class VM:
                 raise self._failure("QEMU exited before opening its QMP socket")
             if time.monotonic() > deadline:
                 raise self._failure("QEMU did not open its QMP socket in time")
-        self._qmp = _QMP(self.name, self.qmp_socket, timeout=self.start_timeout)
+        try:
+            self._qmp = _QMP(self.name, self.qmp_socket, timeout=self.start_timeout)
+        except Exception as exc:
+            self._exited.wait(1)
+            if self._exited.is_set():
+                raise self._failure("QEMU exited during start-up") from exc
+            raise self._failure(f"cannot connect to QMP: {exc}") from exc
 
     def _spawn(self, target: Callable[[], None], what: str) -> None:
         t = threading.Thread(target=target, name=f"{what}-{self.name}", daemon=True)
