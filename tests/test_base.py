@@ -53,6 +53,7 @@ def test_enospc_is_recognised_in_errno_and_command_output() -> None:
     assert _is_enospc(OSError(28, "No space left on device"))
     assert _is_enospc(CommandError(["mkfs.ext4"], 1, "", "mkfs.ext4: Could not allocate block in ext2 filesystem"))
     assert _is_enospc(CommandError(["mmdebstrap"], 1, "", "E: write error: No space left on device"))
+    assert _is_enospc(CommandError(["mmdebstrap"], 1, "", "E: You don't have enough free space in /x/"))
     assert not _is_enospc(CommandError(["mmdebstrap"], 1, "", "E: Unable to locate package foo"))
     assert not _is_enospc(OSError(13, "Permission denied"))
 
@@ -325,3 +326,14 @@ def test_debian_command_line_has_no_rootdelay_and_names_the_root(distro_id: str)
     line = customize.kernel_cmdline(d, "U")
     assert line.startswith("root=UUID=U ro ")
     assert "rootdelay" not in line and "console=ttyS0,115200n8" in line and "net.ifnames=0" in line
+
+
+def test_a_security_archive_without_its_packages_is_recognised() -> None:
+    from imagekit.base.bootstrap import _unfetchable_optional
+
+    srcs = apt.sources_for("bullseye", ("main",), apt.Mirrors("http://m/debian", "http://s/debian-security"))
+    err = CommandError(["mmdebstrap"], 25, "", "E: Failed to fetch http://s/debian-security/pool/updates/main/l/"
+                       "linux/x.deb  404  Not Found [IP: 1.2.3.4 80]\n")
+    assert _unfetchable_optional(err, srcs) == [srcs[2]]
+    main_404 = CommandError(["mmdebstrap"], 25, "", "E: Failed to fetch http://m/debian/pool/main/x.deb  404  Not Found")
+    assert _unfetchable_optional(main_404, srcs) == []

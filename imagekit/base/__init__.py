@@ -131,7 +131,8 @@ def _is_enospc(exc: BaseException) -> bool:
         return True
     if isinstance(exc, CommandError):
         text = (exc.stderr + exc.stdout).lower()
-        return "no space left" in text or "could not allocate block" in text
+        return any(m in text for m in ("no space left", "could not allocate block", "enough free space",
+                                       "file system full", "disk full"))
     return False
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from imagekit.base import customize, disk
 from imagekit.base.apt import AptSource
 from imagekit.distros import Distro
-from imagekit.errors import BuildError
+from imagekit.errors import BuildError, CommandError
 from imagekit.log import Timings, step
 from imagekit.run import require, run
 
@@ -47,6 +49,21 @@ def mmdebstrap_argv(distro: Distro, root: Path, sources: list[AptSource], stage:
     ]
 
 
+def _unfetchable_optional(exc: CommandError, sources: list[AptSource]) -> list[AptSource]:
+    """The optional sources (-updates, -security) whose packages apt could not fetch (HTTP 404)."""
+    text = exc.stderr + exc.stdout
+    failed = re.findall(r"Failed to fetch (\S+)\s+404", text)
+    broken = []
+    for src in sources:
+        if src.required:
+            continue
+        base = src.uri.rstrip("/") + "/"
+        if any(url.startswith(base) for url in failed) and not any(
+                s.uri == src.uri for s in sources if s.required):
+            broken.append(src)
+    return broken
+
+
 def installed_packages(root: Path) -> dict[str, str]:
     out = run(["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W",
                "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\n"]).stdout
@@ -67,9 +84,24 @@ def build(distro: Distro, sources: list[AptSource], work: Path, out: Path, timin
     root_uuid = str(uuid.uuid4())
 
     customize.setup_hook_tree(stage)
+    warnings: list[str] = []
     with step(f"Bootstrapping {distro.source.suite} with {len(package_set(distro))} packages (mmdebstrap)",
               timings):
-        run(mmdebstrap_argv(distro, root, sources, stage), env={"TMPDIR": str(work)})
+        try:
+            run(mmdebstrap_argv(distro, root, sources, stage), env={"TMPDIR": str(work)})
+        except CommandError as exc:
+            broken = _unfetchable_optional(exc, sources)
+            if not broken:
+                raise
+            # Seen here: a mirror serving bullseye-security's index but not its pool (after the suite's
+            # end of life). Build from the rest rather than not at all, and say so in the meta.
+            msg = (f"the mirror lists {', '.join(s.suite for s in broken)} but does not serve its packages; "
+                   "built without it")
+            log.warning("%s", msg)
+            warnings.append(msg)
+            sources = [s for s in sources if s not in broken]
+            shutil.rmtree(root, ignore_errors=True)
+            run(mmdebstrap_argv(distro, root, sources, stage), env={"TMPDIR": str(work)})
 
     with step("Configuring the root file system", timings):
         kver = customize.kernel_version(root)
@@ -115,4 +147,5 @@ def build(distro: Distro, sources: list[AptSource], work: Path, out: Path, timin
         "kernel_cmdline": customize.kernel_cmdline(distro, root_uuid),
         "initramfs_modules": initrd_modules,
         "apt_sources": [s.line() for s in sources],
+        "warnings": warnings,
     }
