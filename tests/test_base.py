@@ -335,5 +335,6 @@ def test_a_security_archive_without_its_packages_is_recognised() -> None:
     err = CommandError(["mmdebstrap"], 25, "", "E: Failed to fetch http://s/debian-security/pool/updates/main/l/"
                        "linux/x.deb  404  Not Found [IP: 1.2.3.4 80]\n")
     assert _unfetchable_optional(err, srcs) == [srcs[2]]
-    main_404 = CommandError(["mmdebstrap"], 25, "", "E: Failed to fetch http://m/debian/pool/main/x.deb  404  Not Found")
+    main_404 = CommandError(["mmdebstrap"], 25, "",
+                            "E: Failed to fetch http://m/debian/pool/main/x.deb  404  Not Found")
     assert _unfetchable_optional(main_404, srcs) == []
