@@ -82,14 +82,51 @@ class GuestNetwork:
         return out
 
 
+_OWNER = ".owner"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(base: Path) -> list[Path]:
+    """Remove private directories whose harness died without cleaning up (SIGKILL, power loss).
+
+    A directory is stale when the process recorded in its ``.owner`` file is gone and it does not
+    belong to a VM left running on purpose (``keep``). Its VM died with the harness (parent-death
+    signal), so only files remain. Returns what was removed."""
+    removed = []
+    for d in base.glob("*-*"):
+        try:
+            owner = int((d / _OWNER).read_text())
+            config = d / "netns.json"
+            if config.exists() and json.loads(config.read_text()).get("detach"):
+                continue
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(owner):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def private_tmpdir(name: str) -> Path:
     """A fresh 0700 directory for one VM's sockets and secrets, short enough for Unix socket paths."""
     base = cache_dir() / "vms"
     base.mkdir(parents=True, exist_ok=True)
+    for stale in sweep_stale(base):
+        log.info("removed %s, left behind by a harness that died", stale)
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
     if len(os.fspath(path / "qmp.sock")) > _SUN_PATH_MAX:
         os.rmdir(path)
         path = Path(tempfile.mkdtemp(prefix=f"ik-{name}-"))
+    (path / _OWNER).write_text(str(os.getpid()))
     return path
 
 
