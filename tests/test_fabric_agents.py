@@ -103,10 +103,10 @@ def _fabric_view(fabric: Any) -> dict[str, Any]:
 
 
 def _drive_waagent(work: Path) -> dict[str, Any]:
-    import azurelinuxagent.common.conf as conf
-    from azurelinuxagent.common.protocol.imds import get_imds_client
-    from azurelinuxagent.common.protocol.restapi import ProvisionStatus, VMStatus
-    from azurelinuxagent.common.protocol.wire import WireProtocol
+    import azurelinuxagent.common.conf as conf  # type: ignore[import-not-found]
+    from azurelinuxagent.common.protocol.imds import get_imds_client  # type: ignore[import-not-found]
+    from azurelinuxagent.common.protocol.restapi import ProvisionStatus, VMStatus  # type: ignore[import-not-found]
+    from azurelinuxagent.common.protocol.wire import WireProtocol  # type: ignore[import-not-found]
 
     lib = work / "waagent"
     lib.mkdir()
@@ -141,15 +141,16 @@ def _drive_waagent(work: Path) -> dict[str, Any]:
             "extensions": len(ext.extensions),
         }
         # What ProvisionHandler.run does: NotReady while provisioning, Ready at the end.
-        protocol.report_provision_status(ProvisionStatus(status="NotReady", subStatus="Provisioning",
-                                                         description="Starting"))
+        protocol.report_provision_status(
+            ProvisionStatus(status="NotReady", subStatus="Provisioning", description="Starting")
+        )
         protocol.report_provision_status(ProvisionStatus(status="Ready"))
         # The extension handler's traffic: HostGAPlugin versions/health and a status upload, telemetry.
         host = client.get_host_plugin()
         out["hostga"] = {"initialized": bool(host.ensure_initialized()), "health": bool(host.get_health())}
         client.status_blob.set_vm_status(VMStatus(status="Ready", message="Guest Agent is running"))
         client.upload_status_blob()
-        client.send_encoded_event("69B669B9-4AF8-4C50-BDC4-6006FA76E975", b"<Event id=\"1\"/>")
+        client.send_encoded_event("69B669B9-4AF8-4C50-BDC4-6006FA76E975", b'<Event id="1"/>')
         # IMDS, as waagent's telemetry uses it.
         import inspect
 
@@ -177,15 +178,15 @@ def _drive_waagent(work: Path) -> dict[str, Any]:
 
 
 def _drive_cloudinit(work: Path) -> dict[str, Any]:
-    import cloudinit.sources.DataSourceAzure as dsaz  # first: it resolves cloud-init's import cycle
-    from cloudinit.sources.helpers import azure as helpers
+    import cloudinit.sources.DataSourceAzure as dsaz  # type: ignore[import-not-found]  # first: it resolves cloud-init's import cycle
+    from cloudinit.sources.helpers import azure as helpers  # type: ignore[import-not-found]
 
     out: dict[str, Any] = {}
     modern = hasattr(helpers, "report_dmesg_to_kvp")  # cloud-init >= 23
 
     def fetch_imds() -> dict[str, Any]:
         if modern:
-            from cloudinit.sources.azure import imds
+            from cloudinit.sources.azure import imds  # type: ignore[import-not-found]
 
             md: dict[str, Any] = imds.fetch_metadata_with_api_fallback(retry_deadline=time.monotonic() + 60)
             return md
@@ -231,7 +232,7 @@ def _drive_cloudinit(work: Path) -> dict[str, Any]:
     with _make_fabric() as fabric:
         _serve(fabric)
         if modern:
-            from cloudinit.sources.azure import errors
+            from cloudinit.sources.azure import errors  # type: ignore[import-not-found]
 
             error = errors.ReportableError(reason=FAILURE_TEXT)
             helpers.report_failure_to_fabric(endpoint="168.63.129.16", error=error)
@@ -356,9 +357,7 @@ def test_cloudinit_reads_imds_with_extended_metadata(cloudinit_run: dict[str, An
     assert imds["keys"] == [ident["key"]]
     assert imds["vmId"] == ident["vm_id"]
     assert imds["ppsType"] == "None"
-    assert "GET /metadata/instance?api-version=2021-08-01&extended=true 200" in _paths(
-        cloudinit_run["fabric"], "imds"
-    )
+    assert "GET /metadata/instance?api-version=2021-08-01&extended=true 200" in _paths(cloudinit_run["fabric"], "imds")
 
 
 def test_cloudinit_network_config_matches_the_nic(cloudinit_run: dict[str, Any]) -> None:

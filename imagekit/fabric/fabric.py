@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from imagekit.errors import ImagekitError, InputError
 from imagekit.fabric import documents as docs
@@ -23,7 +23,7 @@ from imagekit.ovf import ProvisioningProfile
 
 log = logging.getLogger("imagekit.fabric")
 
-SOCKET_NAMES = {Service.WIRE: "wire.sock", Service.HOSTGA: "hostga.sock", Service.IMDS: "imds.sock"}
+SOCKET_NAMES = MappingProxyType({Service.WIRE: "wire.sock", Service.HOSTGA: "hostga.sock", Service.IMDS: "imds.sock"})
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 
 
@@ -90,6 +90,9 @@ class Fabric:
         no group or other permissions) and return their paths. Background threads serve them until
         :meth:`stop`."""
         d = Path(sockdir)
+        with self._lock:
+            if self.sockets is not None:
+                raise ImagekitError(f"fabric for {self.name} is already serving on {self.sockets.wire.parent}")
         try:
             st = d.lstat()
         except FileNotFoundError:
@@ -160,11 +163,19 @@ class Fabric:
             servers, self._servers = self._servers, []
             self.sockets = None
         errors: list[BaseException] = []
-        for srv in servers:
+
+        def close(srv: RunningServer) -> None:
             try:
                 srv.close()
             except Exception as exc:  # keep closing the others
                 errors.append(exc)
+
+        # In parallel: each server notices the shutdown request only at its next poll.
+        closers = [threading.Thread(target=close, args=(srv,), name="fabric-stop") for srv in servers]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
         if errors:
             raise ImagekitError(f"stopping the fabric for {self.name} failed: {errors[0]}") from errors[0]
 

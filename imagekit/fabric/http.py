@@ -29,11 +29,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 log = logging.getLogger("imagekit.fabric")
 
-_PRINTABLE = {i: "?" for i in range(32)} | {127: "?"}
+_PRINTABLE = MappingProxyType({i: "?" for i in range(32)} | {127: "?"})
 
 
 @dataclass(frozen=True)
@@ -248,11 +249,13 @@ class _ServerMixin(socketserver.ThreadingMixIn):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._active_lock:
-            if len(self._active) >= self.limits.max_connections:
-                log.warning("%s: %s: too many connections, refusing one", self.name, self.service)
-                self.shutdown_request(request)
-                return
-            self._active.add(request)
+            over = len(self._active) >= self.limits.max_connections
+            if not over:
+                self._active.add(request)
+        if over:
+            log.warning("%s: %s: too many connections, refusing one", self.name, self.service)
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
