@@ -191,7 +191,7 @@ def test_task_writes_an_iso_the_agents_read(inputs: dict[str, Path], waagent_lib
     proc = _run_task(
         "--hostname", "task-vm", "--username", "azureuser", "--ssh-key", str(inputs["key"]),
         "--password-file", str(inputs["password"]), "--custom-data", str(inputs["cd"]),
-        "--no-disable-password-auth", "--output", str(iso_path),
+        "--no-disable-password-auth", "--output", str(iso_path), "--verbose",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert PASSWORD not in proc.stdout + proc.stderr

@@ -28,6 +28,7 @@ from imagekit.ovf import ProvisioningProfile, render_ovf_env
 TRICKY_PASSWORD = "  Pä<s&w>\"o'rd]]>1 ✓ "
 TRICKY_CUSTOM_DATA = "#cloud-config\n# <&> \"quotes\" 'apos' ]]> äöü ✓ 日本\nruncmd: [[echo, ok]]\n".encode()
 BINARY_CUSTOM_DATA = bytes(range(256)) * 3
+KEY_COMMENT_TAIL = " <&>\"' ü"  # appended to a key comment
 
 
 def _openssh(public_key: Any) -> str:
@@ -113,7 +114,7 @@ def test_every_field_round_trips_through_waagent(
         ed25519_pub,
         hostname="Vm-1.internal",
         username="jane.doe_2",
-        ssh_public_keys=[ed25519_pub, rsa2048_pub],
+        ssh_public_keys=[ed25519_pub + KEY_COMMENT_TAIL, rsa2048_pub],
         password=TRICKY_PASSWORD,
         custom_data=custom_data,
         disable_password_auth=disable_password_auth,
@@ -129,7 +130,7 @@ def test_every_field_round_trips_through_waagent(
     assert env.provision_guest_agent == ("true" if provision_guest_agent else "false")
     path = "$HOME/jane.doe_2/.ssh/authorized_keys"
     assert env.ssh_pubkeys == [(path, k.fingerprint, k.openssh) for k in p.ssh_keys]
-    assert [v for _, _, v in env.ssh_pubkeys] == [ed25519_pub, rsa2048_pub]
+    assert [v for _, _, v in env.ssh_pubkeys] == [ed25519_pub + KEY_COMMENT_TAIL, rsa2048_pub]
     for _, fp, value in env.ssh_pubkeys:
         assert value.startswith("ssh-")  # waagent writes only values that start with ssh-
         assert len(fp) == 40
@@ -148,7 +149,7 @@ def test_every_field_round_trips_through_cloud_init(
         ed25519_pub,
         hostname="vm-2",
         username="ops-user",
-        ssh_public_keys=[ed25519_pub, rsa2048_pub],
+        ssh_public_keys=[ed25519_pub + KEY_COMMENT_TAIL, rsa2048_pub],
         password=TRICKY_PASSWORD,
         custom_data=custom_data,
         disable_password_auth=disable_password_auth,
@@ -173,7 +174,7 @@ def test_every_field_round_trips_through_cloud_init(
     assert user["name"] == "ops-user"
     assert user["lock_passwd"] is False
     assert crypt_matches(TRICKY_PASSWORD, user["hashed_passwd"])
-    assert [k["value"] for k in cfg["_pubkeys"]] == [ed25519_pub, rsa2048_pub]
+    assert [k["value"] for k in cfg["_pubkeys"]] == [ed25519_pub + KEY_COMMENT_TAIL, rsa2048_pub]
 
 
 def test_optional_elements_are_left_out(waagent_lib: Path, cloudinit_lib: Path, ed25519_pub: str) -> None:
