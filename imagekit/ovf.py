@@ -10,13 +10,13 @@ A :class:`ProvisioningProfile` is checked when it is built, against the rules Az
   with ``$`` or ``-`` (Azure); not one of Azure's disallowed names (``root``, ``admin``, ``administrator``
   and the rest of :data:`AZURE_RESERVED_USERNAMES`). On top of that, what every endorsed distro's
   ``useradd`` accepts: the portable set ``a-z 0-9 . _ -``, not all digits, at most 32 characters; and not a
-  built-in system account (:data:`LINUX_SYSTEM_USERNAMES`): the agents refuse to provision an account
-  that already exists as a system user, so Azure's provisioning fails on the VM.
+  built-in system account (:data:`LINUX_SYSTEM_USERNAMES`): such an account already exists on the image,
+  so it is not created afresh, and waagent refuses to set a system account's password.
 - ``ssh_public_keys``: OpenSSH public-key lines that parse (paramiko), of a type Azure accepts: RSA of at
   least 2048 bits, or Ed25519. With password authentication disabled at least one key is required.
 - ``password`` (``adminPassword``, Linux): 6-72 characters, three of lower case, upper case, digit and
   special character (``[\\W_]``), not one of :data:`AZURE_DISALLOWED_PASSWORDS`, and no control characters
-  (XML cannot carry most of them and ``chpasswd`` reads one line).
+  (XML 1.0 cannot carry most of them, and parsers turn a carriage return into a line feed).
 - ``custom_data``: at most 65535 bytes once decoded (Azure's limit), not empty.
 
 Errors are :class:`~imagekit.errors.InputError` naming the field, what was wrong and what is allowed. The
