@@ -71,7 +71,9 @@ def test_image_contents_follow_the_table(image: BaseImage, tmp_path: Path) -> No
         etc_ssh = img.listdir("/etc/ssh")
         assert not [n for n in etc_ssh if n.startswith("ssh_host_")], etc_ssh
         assert img.read_text("/etc/machine-id") == ""
-        assert img.read_text("/etc/shadow").startswith("root:*:")
+        shadow = {f[0]: f[1] for f in (line.split(":") for line in img.read_text("/etc/shadow").splitlines())}
+        assert shadow["root"] == "*"  # locked: no password login for root
+        assert all(pw in ("*", "!", "!*", "") or pw.startswith("!") for pw in shadow.values()), shadow
         assert img.listdir("/home") == []
         assert ".bash_history" not in img.listdir("/root") and ".ssh" not in img.listdir("/root")
         conf = customize.read_waagent_conf(img.read_text("/etc/waagent.conf"))
@@ -103,7 +105,9 @@ def test_image_contents_follow_the_table(image: BaseImage, tmp_path: Path) -> No
 # --- boot ------------------------------------------------------------------------------------------
 
 
-def _boot_to_login(base: Path, tmp: Path) -> str:
+def _boot_to_login(base: Path, tmp: Path, also: tuple[str, ...] = ()) -> str:
+    """Boot an overlay of ``base``; return the serial console once it shows a login prompt and every
+    string in ``also`` (units that start after getty, such as the agent)."""
     overlay = tmp / "overlay.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
                    check=True)
@@ -125,13 +129,13 @@ def _boot_to_login(base: Path, tmp: Path) -> str:
         deadline = time.monotonic() + BOOT_DEADLINE_S
         while time.monotonic() < deadline:
             text = serial.read_text(errors="replace") if serial.exists() else ""
-            if "login:" in text:
+            if "login:" in text and all(a in text for a in also):
                 return text
             if proc.poll() is not None:
                 err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                 pytest.fail(f"QEMU exited {proc.returncode}: {err}\nserial tail:\n{text[-3000:]}")
             time.sleep(2)
-        pytest.fail(f"no login prompt within {BOOT_DEADLINE_S} s; serial tail:\n{text[-3000:]}")
+        pytest.fail(f"no login prompt (and {also}) within {BOOT_DEADLINE_S} s; serial tail:\n{text[-3000:]}")
     finally:
         proc.kill()
         proc.wait()
@@ -139,7 +143,7 @@ def _boot_to_login(base: Path, tmp: Path) -> str:
 
 def test_image_boots_through_grub_to_a_login_prompt(image: BaseImage, tmp_path: Path) -> None:
     d = distros.get(image.distro_id)
-    console = _boot_to_login(image.path, tmp_path)
+    console = _boot_to_login(image.path, tmp_path, also=("Azure Linux Agent",))
     assert "GNU GRUB" in console
     cmdline = next(line for line in console.splitlines() if "Command line:" in line)
     for arg in d.kernel_cmdline:

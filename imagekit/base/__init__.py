@@ -13,6 +13,7 @@ built from the same other inputs is used (with a warning).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import shutil
@@ -77,7 +78,10 @@ class BaseImage:
         )
 
 
+@functools.cache
 def recipe_hash(files: tuple[str, ...] = _RECIPE_FILES) -> str:
+    """Hash of the recipe's source, read once per process: the key must describe the code that runs,
+    not a file edited after it was imported."""
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in files:

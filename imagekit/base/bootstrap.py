@@ -1,10 +1,10 @@
 """Build a bootable Azure-ready Debian disk from packages: mmdebstrap, configure, ext4 from the directory,
 GRUB into the MBR gap, qcow2.
 
-mmdebstrap runs in root mode inside a private mount namespace (``unshare --mount``): the /proc, /sys and
-/dev mounts it makes in the chroot live only in that namespace and vanish with it, even when the build is
-killed. Every later step works on plain files (see :mod:`imagekit.base.disk`), so no mount or loop device
-exists outside that namespace at any time.
+mmdebstrap runs in root mode inside private mount and PID namespaces (``unshare``): the /proc, /sys and
+/dev mounts it makes in the chroot live only in that namespace and vanish with it, and no process of the
+build outlives it, even when the build is killed. Every later step works on plain files (see
+:mod:`imagekit.base.disk`), so no mount or loop device exists outside that namespace at any time.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from imagekit.run import require, run
 log = logging.getLogger("imagekit.base")
 
 ROOT_LABEL = "rootfs"
+# Private mount and PID namespaces: mounts made inside vanish with the namespace, and when unshare is
+# killed (subprocess.run does that on Ctrl-C) its child, the namespace's init, gets SIGKILL, which takes
+# every process of the build (apt, dpkg, maintainer scripts) with it, so none keeps writing afterwards.
+PRIVATE_NAMESPACES = ("unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+                      "--mount-proc")
 HOST_COMMANDS = ("mmdebstrap", "unshare", "sfdisk", "mkfs.ext4", "e2fsck", "qemu-img", "systemctl", "chroot")
 
 
@@ -38,7 +43,7 @@ def package_set(distro: Distro) -> list[str]:
 def mmdebstrap_argv(distro: Distro, root: Path, sources: list[AptSource], stage: Path) -> list[str]:
     src = distro.source
     return [
-        "unshare", "--mount", "--propagation", "private",
+        *PRIVATE_NAMESPACES,
         "mmdebstrap", "--mode=root", "--format=directory", f"--variant={src.variant}",
         f"--components={','.join(src.components)}",
         f"--include={','.join(package_set(distro))}",

@@ -41,8 +41,10 @@ done
 _HOSTKEY_UNIT_TEXT = """[Unit]
 Description=Generate SSH host keys
 DefaultDependencies=no
-After=local-fs.target
-Before=ssh.service ssh.socket sshd.service cloud-init.service walinuxagent.service
+# After cloud-init's network stage, which makes keys itself on Azure (then there is nothing left to do);
+# before sshd, which does not start without keys, and the agent, which reports a key's thumbprint.
+After=local-fs.target cloud-init.service cloud-init-network.service
+Before=ssh.service ssh.socket sshd.service walinuxagent.service
 ConditionPathIsReadWrite=/etc/ssh
 
 [Service]

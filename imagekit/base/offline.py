@@ -42,7 +42,9 @@ def configure_image(raw: Path, offset: int, sizelimit: int, distro: Distro) -> d
     # The entry travels pickled: it may be a modified copy that no file on disk describes.
     request = {"raw": str(raw), "offset": offset, "sizelimit": sizelimit,
                "distro": base64.b64encode(pickle.dumps(distro)).decode()}
-    res = run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "imagekit.base.offline"],
+    from imagekit.base.bootstrap import PRIVATE_NAMESPACES
+
+    res = run([*PRIVATE_NAMESPACES, sys.executable, "-m", "imagekit.base.offline"],
               input=json.dumps(request), cwd=REPO_ROOT, check=False)
     lines = res.stdout.strip().splitlines()
     try:
