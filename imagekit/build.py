@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ from imagekit.gallery import Gallery, ImageVersion
 from imagekit.guest import Guest
 from imagekit.leakscan import ScanInput
 from imagekit.log import Timings, step
-from imagekit.ovf import ProvisioningProfile
 from imagekit.paths import REPO_ROOT, cache_dir
 from imagekit.run import run
 from imagekit.versions import Version
@@ -79,30 +78,21 @@ class BuildResult:
         return self.image.path
 
 
-@dataclass
-class _Identity:
-    """Who the VM is told it is; each VM of a build gets a fresh one."""
-
-    username: str
-    hostname: str
-    profile: ProvisioningProfile = field(repr=False)
-
-
 @contextmanager
-def _identity(role: str, custom_data: bytes | None) -> Iterator[_Identity]:
-    from imagekit.ssh import generate_keypair
-    from imagekit.vm import private_tmpdir
+def _username(role: str) -> Iterator[str]:
+    """A fresh user name for the next VM, e.g. ``ikb3fa9c1`` (build) or ``ikv07d2e4`` (verify).
 
-    tag = secrets.token_hex(3)
-    username, hostname = f"ik{role[0]}{tag}", f"ik-{role}-{tag}"
-    keydir = private_tmpdir(f"{role}-key-{tag}")
-    try:
-        _, public = generate_keypair(keydir)
-        profile = ProvisioningProfile.create(hostname=hostname, username=username, ssh_public_keys=[public],
-                                             custom_data=custom_data)
-        yield _Identity(username, hostname, profile)
-    finally:
-        shutil.rmtree(keydir, ignore_errors=True)
+    provision() makes its own profile (a throwaway key and a random hostname: exactly one key, which matters
+    because waagent 2.7.3 keeps only the last of several keys) with its module's default user name, so the
+    name is swapped for the duration of the call.
+    """
+    from unittest import mock
+
+    from imagekit import provision as provision_module
+
+    name = f"ik{role[0]}{secrets.token_hex(3)}"
+    with mock.patch.object(provision_module, "DEFAULT_USERNAME", name):
+        yield name
 
 
 def _toolkit_version() -> dict[str, str]:
@@ -199,9 +189,10 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
         base = ensure_base(d)
     with gallery.staging() as staging:
         vm_timings: dict[str, Any] = {}
-        with _identity("build", custom) as who, step("provision + checks", timings), \
-                provision(d, profile=who.profile, base_image=base.path, workdir=workdir,
+        with _username("build"), step("provision + checks", timings), \
+                provision(d, custom_data=custom, base_image=base.path, workdir=workdir,
                           memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-build") as pvm:
+            who = pvm.profile
             outcome = _run_checks(pvm, d, plan, report_dir / "build", "build VM")
             facts = _guest_facts(pvm.guest, d)
             with step("undo test set-up", timings):
@@ -220,7 +211,7 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
             overlay = pvm.vm.spec.os_disk if pvm.vm.spec is not None else None
             if overlay is None or not Path(overlay).exists():
                 raise BuildError("the build VM's OS disk is gone before capture")
-            scan_in = ScanInput(usernames=[who.username], hostnames=[who.hostname], password=who.profile.password)
+            scan_in = ScanInput(usernames=[who.username], hostnames=[who.hostname], password=who.password)
 
             def scan(vhd: Path) -> None:
                 if opts.skip_scan:
@@ -232,12 +223,13 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
                 artifacts = capture(Path(overlay), staging.path, timings, vhd_ready=scan)
             vm_timings["build_vm"] = pvm.timings.as_dict()
             build_user = {"username": who.username, "hostname": who.hostname, "vm_uuid": str(pvm.vm.vm_uuid)}
-        with _identity("verify", custom) as who2, step("verify boot (new VM)", timings):
+        with _username("verify"), step("verify boot (new VM)", timings):
             try:
-                with provision(d, profile=who2.profile, base_image=staging.path / QCOW2_NAME, workdir=workdir,
+                with provision(d, custom_data=custom, base_image=staging.path / QCOW2_NAME, workdir=workdir,
                                memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-verify",
                                ready_timeout=VERIFY_READY_TIMEOUT, ssh_timeout=VERIFY_SSH_TIMEOUT) as pvm2:
                     verify_outcome = _run_checks(pvm2, d, plan, report_dir / "verify", "verify VM")
+                    who2 = pvm2.profile
                     verify_user = {"username": who2.username, "hostname": who2.hostname,
                                    "vm_uuid": str(pvm2.vm.vm_uuid)}
                     vm_timings["verify_vm"] = pvm2.timings.as_dict()

@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -214,8 +215,15 @@ def _data_extents(fd: int, length: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def sha256_file(path: Path) -> str:
-    """Streamed SHA-256 of ``path`` that reads only its data extents; holes hash as zeros from memory."""
+class Cancelled(BuildError):
+    """Hashing was stopped because the capture failed elsewhere."""
+
+
+def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
+    """Streamed SHA-256 of ``path`` that reads only its data extents; holes hash as zeros from memory.
+
+    ``cancel`` set stops it early (raising :class:`Cancelled`): a 30 GiB file costs tens of seconds.
+    """
     h = hashlib.sha256()
     zeros = memoryview(_ZEROS)
     fd = os.open(path, os.O_RDONLY)
@@ -223,24 +231,28 @@ def sha256_file(path: Path) -> str:
         length = os.fstat(fd).st_size
         pos = 0
         for start, end in _data_extents(fd, length):
-            _hash_zeros(h, zeros, start - pos)
+            _hash_zeros(h, zeros, start - pos, cancel)
             os.lseek(fd, start, os.SEEK_SET)
             remaining = end - start
             while remaining:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"hashing {path} was cancelled")
                 chunk = os.read(fd, min(_CHUNK, remaining))
                 if not chunk:
                     raise BuildError(f"{path}: file shrank while being hashed")
                 h.update(chunk)
                 remaining -= len(chunk)
             pos = end
-        _hash_zeros(h, zeros, length - pos)
+        _hash_zeros(h, zeros, length - pos, cancel)
     finally:
         os.close(fd)
     return h.hexdigest()
 
 
-def _hash_zeros(h: Any, zeros: memoryview, count: int) -> None:
+def _hash_zeros(h: Any, zeros: memoryview, count: int, cancel: threading.Event | None = None) -> None:
     while count > 0:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("hashing was cancelled")
         n = min(count, len(zeros))
         h.update(zeros[:n])
         count -= n
@@ -312,6 +324,7 @@ def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, comp
     # Hashing the VHD costs a full pass of SHA-256 over its virtual size (zeros included: the hash has
     # no shortcut for them), so it runs on the second core while the qcow2 is written.
     pool = ThreadPoolExecutor(max_workers=1)
+    cancel = threading.Event()
     try:
         with step("capture: fixed VHD", timings):
             size = make_fixed_vhd(source, vhd)
@@ -319,7 +332,7 @@ def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, comp
             verify_azure_vhd(vhd, expected_size=size)
             if compare:
                 run(["qemu-img", "compare", "-f", src_fmt, "-F", "vpc", source, vhd])
-        vhd_sum = pool.submit(sha256_file, vhd)
+        vhd_sum = pool.submit(sha256_file, vhd, cancel)
         if vhd_ready is not None:
             vhd_ready(vhd)
         with step("capture: zstd qcow2", timings):
@@ -341,6 +354,8 @@ def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, comp
         ok = True
         return artifacts
     finally:
+        if not ok:
+            cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
         if not ok:
             for p in (vhd, qcow):

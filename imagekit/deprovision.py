@@ -184,6 +184,30 @@ def plan(distro: Distro, username: str) -> list[Step]:
              (Claim(f"no sudoers rule names {username}",
                     f"! grep -rqw -- {q} /etc/sudoers /etc/sudoers.d 2>/dev/null"),
               Claim("sudoers still parses", "visudo -c >/dev/null 2>&1 || ! command -v visudo >/dev/null"))),
+        Step("replace the account-file backups",
+             # useradd/userdel leave /etc/passwd- etc. holding the previous contents, i.e. the deleted user
+             "for f in passwd group shadow gshadow subuid subgid; do [ -f /etc/$f ] || continue; "
+             "if [ -f /etc/$f- ]; then cp -p /etc/$f /etc/$f-; fi; done",
+             "imagekit",
+             (Claim(f"no account-file backup names {username}",
+                    f"! grep -qw -- {q} /etc/passwd- /etc/group- /etc/shadow- /etc/gshadow- /etc/subuid- "
+                    "/etc/subgid- 2>/dev/null"),)),
+        Step("remove DHCP leases again at shutdown",
+             # dhclient keeps running (our SSH session needs the network) and writes its lease file again,
+             # last when the interface goes down at shutdown; a unit that lives in /run (gone at the next
+             # boot) and is ordered before the network stops after it and removes the leases then
+             "mkdir -p /run/systemd/system && cat > /run/systemd/system/ik-generalize-leases.service <<'EOF'\n"
+             "[Unit]\nDescription=Remove DHCP leases after the network is down (image capture)\n"
+             "DefaultDependencies=no\nAfter=local-fs.target\n"
+             "Before=network-pre.target networking.service NetworkManager.service systemd-networkd.service "
+             "shutdown.target\nConflicts=shutdown.target\n"
+             "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
+             "ExecStop=/bin/sh -c 'rm -rf /var/lib/dhcp/* /var/lib/dhclient/* /var/lib/NetworkManager/*lease*'\n"
+             "EOF\n"
+             "systemctl daemon-reload && systemctl start ik-generalize-leases.service && "
+             "rm -rf /var/lib/dhcp/* /var/lib/dhclient/*",
+             "imagekit",
+             (Claim("the lease clean-up unit is active", "systemctl is-active -q ik-generalize-leases.service"),)),
         Step("remove shell histories",
              "rm -f /root/.*_history /root/.lesshst /root/.viminfo",
              "imagekit",

@@ -179,3 +179,47 @@ def test_capture_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="never overwrites"):
         capture.capture(src, out)
     assert (out / "disk.vhd").read_bytes() == b"precious"
+
+
+def test_failing_capture_cancels_the_hash_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leak found in the VHD stops the capture without finishing a full hash of a big disk."""
+    import threading
+
+    outcomes: list[str] = []
+    real = capture.sha256_file
+    started = threading.Event()
+
+    def recording(path: Path, cancel: threading.Event | None = None) -> str:
+        started.set()
+        try:
+            digest = real(path, cancel)
+        except capture.Cancelled:
+            outcomes.append("cancelled")
+            raise
+        outcomes.append("finished")
+        return digest
+
+    monkeypatch.setattr(capture, "sha256_file", recording)
+    src = tmp_path / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "30G"], check=True)
+    out = tmp_path / "out"
+
+    def reject(vhd: Path) -> None:
+        started.wait(10)
+        raise BuildError("leak found")
+
+    with pytest.raises(BuildError, match="leak found"):
+        capture.capture(src, out, vhd_ready=reject)
+    assert outcomes == ["cancelled"]
+    assert list(out.iterdir()) == []
+
+
+def test_sha256_cancel(tmp_path: Path) -> None:
+    import threading
+
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(capture.Cancelled):
+        capture.sha256_file(p, ev)

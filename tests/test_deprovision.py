@@ -75,3 +75,12 @@ def test_missing_preconditions_fail_before_anything_runs() -> None:
     with pytest.raises(BuildError, match="expected before the first step"):
         deprovision(guest, distros.get("debian-12"), "ikbuild1")
     assert not any("waagent -force" in c for c in guest.commands)
+
+
+@pytest.mark.parametrize("distro", ["debian-12", "debian-12-cloudinit", "debian-13", "debian-13-cloudinit"])
+def test_rendered_plan_is_valid_shell(distro: str) -> None:
+    script = render_script(plan(distros.get(distro), "ikbuild1"), "tok")
+    res = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    # the unit file text reaches the guest intact (heredoc inside the step's subshell)
+    assert "ExecStop=/bin/sh -c 'rm -rf /var/lib/dhcp/*" in script
