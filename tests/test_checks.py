@@ -182,7 +182,7 @@ SCENARIOS = [
              "active swap /swapfile (file) is on the OS disk /dev/sda", "/swapfile"),
     Scenario("inactive swap partition on the OS disk", "swap.not-on-os-disk",
              {probes.LSBLK: lsblk(os_extra=[part("/dev/sda2", 2 * 1024**3, "swap", None, "/dev/sda")])},
-             "partition /dev/sda2 on the OS disk is formatted as swap", '"fstype": "swap"'),
+             "partition /dev/sda2 on the OS disk is formatted as swap", "/dev/sda2 part 2048 MiB swap"),
     Scenario("fstab swap entry on the OS disk", "swap.not-on-os-disk",
              {probes.FSTAB: "UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n/swap.img none swap sw 0 0\n"},
              "/etc/fstab activates swap from /swap.img", "/swap.img none swap"),

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -109,13 +110,15 @@ def check_provisioned(
     started = datetime.now(UTC)
     guest: Guest = pvm.guest
     mark = getattr(pvm.vm, "mark", None)
-    with step("Letting the agent handle the resource disk", pvm.timings):
+    # Step durations go to their own Timings: the VM's timings hold moments (seconds after QEMU started).
+    steps = Timings()
+    with step("Letting the agent handle the resource disk", steps):
         facts = activate_resource_disk(guest, plan, timeout=settle_timeout)
     if mark:
         mark("resource disk handled")
     ctx = CheckContext(guest=guest, distro=distro, profile=pvm.profile,
                       fabric=fabric_record(pvm.fabric, getattr(pvm.vm, "t_qemu", None)), plan=plan, facts=facts)
-    with step("Running checks", pvm.timings):
+    with step("Running checks", steps):
         runs = run_checks(ctx, checks)
     if mark:
         mark("checks done")
@@ -124,6 +127,7 @@ def check_provisioned(
         "host_key_source": getattr(pvm, "host_key_source", ""),
         "provision_notes": list(getattr(pvm, "notes", []) or []),
         "timings": pvm.timings.as_dict(),
+        "check_stage_seconds": steps.as_dict(),
         "run_dir": str(getattr(pvm, "run_dir", "")),
     })
     info = RunInfo(distro=distro.id, agent=distro.agent.value, started=started, finished=datetime.now(UTC),
@@ -141,16 +145,20 @@ def check_distro(
     swap_percent: int | None = None,
     checks: Sequence[Check] | None = None,
     keep: bool = False,
+    profile: ProvisioningProfile | None = None,
     **provision_options: Any,
 ) -> CheckOutcome:
     """Provision a throwaway VM of ``distro`` (with the resource-disk CustomData for cloud-init images),
-    run the checks, write the reports, tear the VM down."""
+    run the checks, write the reports, tear the VM down. A given ``profile`` gets that CustomData too."""
     from imagekit.provision import provision
 
     plan = plan_for(distro, swap_percent=swap_percent)
     custom = resource_disk_custom_data(distro, swap_percent=swap_percent)
+    if profile is not None and custom is not None:
+        # provision() uses custom_data only for the profile it makes itself.
+        profile = dataclasses.replace(profile, custom_data=custom)
     start = time.monotonic()
-    with provision(distro, custom_data=custom, keep=keep, **provision_options) as pvm:
+    with provision(distro, profile=profile, custom_data=custom, keep=keep, **provision_options) as pvm:
         outcome = check_provisioned(pvm, plan=plan, report_dir=report_dir, checks=checks)
     log.info("check run for %s took %.1f s", distro.id, time.monotonic() - start)
     return outcome

@@ -123,12 +123,24 @@ def _flatten(nodes: list[dict[str, Any]], disk: str | None, out: dict[str, Block
 
 
 def topology(ctx: CheckContext) -> tuple[dict[str, BlockDev], CommandResult]:
+    """The block devices by name, and as evidence the command with a compact rendering of its JSON."""
     res = ctx.run(LSBLK)
     out: dict[str, BlockDev] = {}
     if res.ok:
         with contextlib.suppress(ValueError, AttributeError):
             _flatten(list(json.loads(res.stdout).get("blockdevices") or []), None, out)
-    return out, res
+    if not out:
+        return out, res
+    lines = []
+    for name, d in out.items():
+        if name != d.name:
+            continue
+        indent = "" if d.type == "disk" or d.disk == name else "  "
+        extra = " ".join(x for x in (d.fstype, d.mountpoint, f"serial={d.serial}" if d.serial else "") if x)
+        lines.append(f"{indent}{name} {d.type} {d.size / 1024**2:.0f} MiB {extra}".rstrip())
+    text = "(JSON output, shown as a tree)\n" + "\n".join(lines)
+    compact = CommandResult(res.command, res.returncode, text, res.stderr)
+    return out, compact
 
 
 def os_disk(ctx: CheckContext) -> tuple[str | None, list[CommandResult]]:
