@@ -391,6 +391,36 @@ def test_imds_api_versions_can_be_restricted(sockdir: Path) -> None:
         assert request(paths.imds, "GET", "/metadata/instance?api-version=2019-06-01", IMDS)[0] == 200
 
 
+def test_wait_for_request(running: tuple[Fabric, SocketPaths]) -> None:
+    fabric, paths = running
+    with pytest.raises(ReadyTimeout, match="no imds request for /metadata/instance"):
+        fabric.wait_for_request(Service.IMDS, "/metadata/instance", 0)
+    request(paths.imds, "GET", "/metadata/instance?api-version=2021-08-01", IMDS)
+    rec = fabric.wait_for_request(Service.IMDS, "/metadata/instance", 0)
+    assert (rec.method, rec.status) == ("GET", 200)
+
+
+def test_an_app_error_is_a_500_and_the_server_keeps_serving(sockdir: Path) -> None:
+    from imagekit.fabric.http import Request, Response, serve_unix
+
+    served: list[tuple[str, str, int]] = []
+
+    def app(req: Request) -> Response:
+        if req.path == "/boom":
+            raise RuntimeError("bug in a route")
+        return Response(200, b"ok")
+
+    srv = serve_unix(str(sockdir / "t.sock"), app, lambda m, p, s: served.append((m, p, s)), SMALL, "t", "wire")
+    try:
+        status, _, body = request(sockdir / "t.sock", "GET", "/boom")
+        assert (status, body) == (500, b"internal error\n")
+        assert request(sockdir / "t.sock", "GET", "/fine")[0] == 200
+        assert served == [("GET", "/boom", 500), ("GET", "/fine", 200)]
+    finally:
+        srv.close()
+    assert not (sockdir / "t.sock").exists()
+
+
 # --- requests are recorded, without bodies ---
 
 

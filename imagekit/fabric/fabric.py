@@ -196,10 +196,17 @@ class Fabric:
         was not received) after ``timeout`` seconds. Both are :class:`~imagekit.errors.ProvisioningError`."""
         return self.state.wait_for_ready(timeout)
 
+    def wait_for_request(self, service: Service, path_prefix: str, timeout: float) -> RequestRecord:
+        """Wait until a request to ``service`` whose path (with query) starts with ``path_prefix`` has
+        been answered, e.g. ``(Service.IMDS, "/metadata/instance")``; :class:`ReadyTimeout` otherwise."""
+        return self.state.wait_for_request(service, path_prefix, timeout)
+
     def requests(self) -> list[RequestRecord]:
+        """Every request answered so far, in order (service, method, path with query, status)."""
         return self.state.requests()
 
     def reports(self) -> list[ReportedState]:
+        """Every accepted health report, in order."""
         return self.state.reports()
 
     @property
