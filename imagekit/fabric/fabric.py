@@ -66,7 +66,7 @@ class Fabric:
         self.name = name or profile.hostname
         self.limits = limits or Limits()
         self.state = FabricState()
-        self._apps = FabricApps(identity, profile, self.state, imds_api_versions)
+        self._apps = FabricApps(identity, profile, self.state, imds_api_versions, self.name)
         self._servers: list[RunningServer] = []
         self._lock = threading.Lock()
         self.sockets: SocketPaths | None = None

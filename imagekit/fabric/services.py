@@ -8,6 +8,7 @@ IMDS a missing ``Metadata: true`` header or an unknown ``api-version`` 400 with 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from imagekit.fabric.http import Request, Response
 from imagekit.fabric.identity import VMIdentity
 from imagekit.fabric.state import FabricState, HealthReportError, parse_health_report
 from imagekit.ovf import ProvisioningProfile
+
+log = logging.getLogger("imagekit.fabric")
 
 XML = "text/xml; charset=utf-8"
 JSON = "application/json; charset=utf-8"
@@ -40,7 +43,9 @@ class FabricApps:
         profile: ProvisioningProfile,
         state: FabricState,
         imds_api_versions: Sequence[str] = docs.IMDS_API_VERSIONS,
+        name: str = "",
     ) -> None:
+        self.name = name or profile.hostname
         self.identity = identity
         self.profile = profile
         self.state = state
@@ -88,7 +93,10 @@ class FabricApps:
         try:
             report = parse_health_report(req.body, self.identity.container_id, self._instance_id)
         except HealthReportError as exc:
+            log.warning("%s: refused a health report: %s", self.name, exc)
             return _text(400, f"Bad request: invalid health report: {exc}")
+        # The state and the agent's own description: what the harness waits for and what a failure says.
+        log.info("%s: the guest agent reported %s", self.name, report)
         self.state.record_report(report)
         return Response(200)
 
