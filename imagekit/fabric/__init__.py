@@ -4,6 +4,12 @@ Azure itself cannot run here, so this is a stand-in (a mock of Azure, named as s
 the agents' own client code (waagent and cloud-init from the Debian packages) in
 ``tests/test_fabric_agents.py``. One :class:`Fabric` serves one VM on private Unix sockets; the VM
 runner's relay forwards the guest's connections to 168.63.129.16:80/32526 and 169.254.169.254:80 there.
+
+Not emulated (no agent here needs it to provision): Fast Track (``vmSettings`` answers 404, "not
+supported"), certificates (see :mod:`imagekit.fabric.documents`), extensions and agent auto-update (no
+GA families), goal-state changes (the incarnation stays 1), the Metadata Security Protocol's secure
+channel, IMDS ``attested``/``identity``/``scheduledevents``/``reprovisiondata`` (404) and IMDS rate
+limiting, and an upstream DNS resolver (by design: the VM reaches nothing else).
 """
 
 from imagekit.fabric.dns import AZURE_DNS_SUFFIX, dns_answer, dns_names
