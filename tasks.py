@@ -249,8 +249,8 @@ def build(
     for name, seconds in stages.items():
         print(f"  {name:45} {seconds:8.1f} s")
     for a in result.manifest["artifacts"]:
-        print(f"{a['name']:12} {a['size'] / 2**30:7.2f} GiB virtual file, {a['allocated'] / 2**20:8.1f} MiB on disk"
-              f"  sha256 {a['sha256']}")
+        print(f"{a['name']:11} {a['format']:11} virtual {a['virtual_size'] / 2**30:6.2f} GiB, file "
+              f"{a['size'] / 2**30:6.2f} GiB, on disk {a['allocated'] / 2**20:8.1f} MiB  sha256 {a['sha256']}")
     print(f"registered {distro} {result.version}")
     print(result.path)
 

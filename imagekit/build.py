@@ -189,11 +189,12 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
         base = ensure_base(d)
     with gallery.staging() as staging:
         vm_timings: dict[str, Any] = {}
-        with _username("build"), step("provision + checks", timings), \
+        with _username("build"), step("build VM (provision … capture)", timings), \
                 provision(d, custom_data=custom, base_image=base.path, workdir=workdir,
                           memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-build") as pvm:
             who = pvm.profile
-            outcome = _run_checks(pvm, d, plan, report_dir / "build", "build VM")
+            with step("build VM: checks", timings):
+                outcome = _run_checks(pvm, d, plan, report_dir / "build", "build VM")
             facts = _guest_facts(pvm.guest, d)
             with step("undo test set-up", timings):
                 undone = undo_test_setup(pvm.guest, d, plan)
@@ -228,7 +229,8 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
                 with provision(d, custom_data=custom, base_image=staging.path / QCOW2_NAME, workdir=workdir,
                                memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-verify",
                                ready_timeout=VERIFY_READY_TIMEOUT, ssh_timeout=VERIFY_SSH_TIMEOUT) as pvm2:
-                    verify_outcome = _run_checks(pvm2, d, plan, report_dir / "verify", "verify VM")
+                    with step("verify VM: checks", timings):
+                        verify_outcome = _run_checks(pvm2, d, plan, report_dir / "verify", "verify VM")
                     who2 = pvm2.profile
                     verify_user = {"username": who2.username, "hostname": who2.hostname,
                                    "vm_uuid": str(pvm2.vm.vm_uuid)}

@@ -381,10 +381,11 @@ def verify_artifacts(directory: Path, artifacts: list[dict[str, Any]]) -> None:
         raise BuildError(f"{directory}: artifacts do not match the manifest: " + "; ".join(problems))
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
     """Write JSON to a temp file in the same directory, fsync, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
