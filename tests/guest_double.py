@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from imagekit.checks import probes, standard
 from imagekit.checks.provisioning import OVF_COPY, PROVISIONED_MARKER
+from imagekit.checks.resource_disk import SWAP_LOG
 from imagekit.checks.resource_setup import RESOURCE_DISK, SHIM_MARK
 from imagekit.guest import CommandResult
 from imagekit.ovf import ProvisioningProfile
@@ -129,7 +130,7 @@ def healthy_waagent() -> dict[str, Answer]:
         "findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt/resource": "/dev/sdb1 ext4 rw,relatime\n",
         f"findmnt -n -o SOURCE --target {SWAPFILE}": "/dev/sdb1\n",
         SWAP_STAT: f"{SWAPFILE} 268435456 bytes mode 600\n/dev/sdb1\n",
-        "grep -iE 'swap' /var/log/waagent.log | tail -n 15":
+        SWAP_LOG:
             "2026-11-22T01:00:01Z INFO Daemon Enable swap\n2026-11-22T01:00:01Z INFO Daemon Create swap file\n"
             "2026-11-22T01:00:09Z INFO Daemon Enabled 262144KB of swap at /mnt/resource/swapfile\n",
         README_CMD: "-rw-r--r-- 1 root root 399 Nov 22 01:00 /mnt/resource/DATALOSS_WARNING_README.txt\n"

@@ -24,6 +24,7 @@ from imagekit.checks import (
     standard,
 )
 from imagekit.checks.provisioning import OVF_COPY, PROVISIONED_MARKER
+from imagekit.checks.resource_disk import SWAP_LOG
 from imagekit.checks.resource_setup import RESOURCE_DISK
 from imagekit.ovf import ProvisioningProfile
 from tests.guest_double import (
@@ -155,7 +156,7 @@ SCENARIOS = [
     Scenario("EnableSwap with a swap size larger than the disk", "swap.resource-disk",
              {probes.WAAGENT_CONF: BIG_SWAP_CONF, probes.PROC_SWAPS: SWAPS_HEADER,
               SWAP_STAT: f"{SWAPFILE} 1061158912 bytes mode 600\n/dev/sdb1\n",
-              "grep -iE 'swap' /var/log/waagent.log | tail -n 15":
+              SWAP_LOG:
                   "2026-11-22T01:00:01Z INFO Daemon Create swap file\n"
                   "dd: error writing '/mnt/resource/swapfile': No space left on device\n"
                   "2026-11-22T01:00:20Z ERROR Daemon Failed to enable swap [ResourceDiskError] "

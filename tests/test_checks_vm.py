@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from imagekit import distros
-from imagekit.checks import Status, plan_for, resource_disk_custom_data, summary_table, undo_test_setup
+from imagekit.checks import (
+    CheckContext,
+    Status,
+    activate_resource_disk,
+    catalogue,
+    plan_for,
+    resource_disk_custom_data,
+    summary_table,
+    undo_test_setup,
+)
 from imagekit.checks.pipeline import CheckOutcome, check_provisioned
 from imagekit.checks.resource_setup import RESOURCE_DISK, SHIM_DIR
 
@@ -58,6 +67,19 @@ def test_debian12_waagent_resource_disk_swap_file_and_provisioning(tmp_path: Pat
         assert "imagekit test shim: device_for_ide_port(1) -> sd" in log.stdout
         assert "is mounted at /mnt/resource with ext4" in log.stdout
         assert "no UserPassword element" in results["provisioning.ovf-redacted"][1]
+
+        # Wrong on purpose, in this throwaway VM: a swap size larger than the 2 GiB resource disk. The agent
+        # runs again (its own code) and the swap check must fail, with the agent's own log as evidence.
+        changed = pvm.guest.run("sed -i 's/^ResourceDisk.SwapSizeMB=.*/ResourceDisk.SwapSizeMB=4096/' "
+                                "/etc/waagent.conf && swapoff /mnt/resource/swapfile")
+        assert changed.ok, changed.evidence()
+        activate_resource_disk(pvm.guest, plan_for(d), timeout=600)
+        ctx = CheckContext(guest=pvm.guest, distro=d, profile=pvm.profile, plan=plan_for(d))
+        big = catalogue()["swap.resource-disk"].run(ctx)
+        print(big.summary, big.evidence, sep="\n")
+        assert big.status is Status.FAIL
+        assert "SwapSizeMB=4096 does not fit on the resource disk (2048 MiB)" in big.summary
+        assert "ResourceDisk.SwapSizeMB=4096" in big.evidence and "dd unsuccessful" in big.evidence
 
         done = undo_test_setup(pvm.guest, d)
         state = pvm.guest.run(f"ls {SHIM_DIR}; ls /run/systemd/system/walinuxagent.service.d; cat /proc/swaps; "

@@ -23,6 +23,8 @@ from imagekit.checks.probes import (
 from imagekit.distros import Agent
 
 README = "DATALOSS_WARNING_README.txt"
+# waagent's swap-file lines, including its dd result ("dd unsuccessful" does not say "swap").
+SWAP_LOG = "grep -iE 'swap|dd (un)?successful' /var/log/waagent.log | tail -n 15"
 # Names under which a resource disk may legitimately appear in /etc/fstab (Azure's udev links, ours).
 RESOURCE_DISK_NAMES = ("/dev/disk/azure/resource", "/dev/disk/cloud/azure_resource")
 
@@ -132,7 +134,7 @@ def swap_on_resource_disk(ctx: CheckContext) -> CheckResult:
         plan_file = f"{exp.mount_point.rstrip('/')}/swapfile"
         st = ctx.run(f"stat -c '%n %s bytes mode %a' {shlex.quote(plan_file)}; "
                      f"findmnt -n -o SOURCE --target {shlex.quote(plan_file)}")
-        logs = ctx.run("grep -iE 'swap' /var/log/waagent.log | tail -n 15")
+        logs = ctx.run(SWAP_LOG)
         evidence += [st, logs, lsblk]
         want = exp.swap_mib * 1024 * 1024
         problems = []

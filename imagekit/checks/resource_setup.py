@@ -274,9 +274,10 @@ def _settled(guest: Guest, plan: ResourceDiskPlan) -> tuple[bool, str]:
     """Has the agent finished with the resource disk (done or failed)? Returns (done, evidence)."""
     mp = shlex.quote(plan.mount_point)
     if plan.owner is Agent.WAAGENT:
+        # Only the log since the agent last started with the shim: an earlier run's lines do not count.
         res = guest.run(
-            f"sed -n '/{SHIM_MARK}/,$p' /var/log/waagent.log | grep -E 'Resource disk|swap|Failed|{SHIM_MARK}';"
-            f" mountpoint {mp}; cat /proc/swaps"
+            f"awk -v m='{SHIM_MARK}' 'index($0, m) {{buf = \"\"}} {{buf = buf $0 \"\\n\"}} END {{printf \"%s\", buf}}' "
+            f"/var/log/waagent.log | grep -E 'Resource disk|swap|Failed|{SHIM_MARK}'; mountpoint {mp}; cat /proc/swaps"
         )
         out = res.stdout
         if "Failed to mount resource disk" in out or "Failed to enable swap" in out:
