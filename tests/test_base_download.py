@@ -306,8 +306,8 @@ def test_agent_missing_from_a_non_apt_image_is_a_clear_error(site: Site, tmp_pat
     path, digest = vendor_image
     site.files["/images/" + path.name] = path
     site.files["/SHA256SUMS"] = f"{digest}  {path.name}\n".encode()
-    entry = _entry(site, path.name, family=Family.RHEL, agent_packages=("WALinuxAgent",))
-    with pytest.raises(BuildError, match=r"WALinuxAgent.*not supported here"):
+    entry = _entry(site, path.name, family=Family.RHEL, agent_packages=("hyperv-daemons",))
+    with pytest.raises(BuildError, match=r"hyperv-daemons.*not supported here"):
         ensure_base(entry, cache=tmp_path)
     assert cache.entries(tmp_path / "base", entry.id) == []
     assert [p.name for p in (tmp_path / "base" / entry.id).iterdir()] == [".lock"]

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from imagekit.distros import Agent, Distro
@@ -111,9 +112,13 @@ def _installed(root: Path, package: str) -> bool:
         (root / "var/lib/dpkg/info").glob(f"{package}:*.list"))
 
 
-def configure_agent(root: Path, distro: Distro) -> None:
-    """waagent.conf from the table; cloud-init's datasource list; fail when an agent package is missing."""
-    missing = [p for p in distro.agent_packages if not _installed(root, p)]
+def configure_agent(root: Path, distro: Distro, installed: Collection[str] | None = None) -> None:
+    """waagent.conf from the table; cloud-init's datasource list; fail when an agent package is missing.
+
+    ``installed`` names the image's packages; by default they are read from its dpkg database.
+    """
+    missing = [p for p in distro.agent_packages
+               if (p not in installed if installed is not None else not _installed(root, p))]
     if missing:
         raise BuildError(f"agent packages not installed in the image: {', '.join(missing)}")
     conf = root / "etc/waagent.conf"

@@ -78,13 +78,20 @@ def _rpm_packages(root: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in res.stdout.splitlines() if "\t" in line)
 
 
+# Without rpm on the host, an agent package is recognised by its main program in the image.
+AGENT_PROGRAMS = {"WALinuxAgent": "usr/sbin/waagent", "walinuxagent": "usr/sbin/waagent",
+                  "waagent": "usr/sbin/waagent", "python-azure-agent": "usr/sbin/waagent",
+                  "cloud-init": "usr/bin/cloud-init"}
+
+
 def _packages(root: Path, family: Family) -> dict[str, str]:
     if family in APT_FAMILIES:
         return _dpkg_packages(root)
     try:
         return _rpm_packages(root)
     except ImagekitError:
-        return {}
+        return {name: "unknown (no rpm on the host)" for name, prog in AGENT_PROGRAMS.items()
+                if (root / prog).exists()}
 
 
 def _apt_install(root: Path, packages: list[str]) -> None:
@@ -129,7 +136,7 @@ def _configure(root: Path, distro: Distro) -> dict[str, Any]:
         _apt_install(root, missing)
         installed_now = missing
         pkgs = _packages(root, distro.family)
-    customize.configure_agent(root, distro)
+    customize.configure_agent(root, distro, installed=pkgs)
     customize.configure_ssh(root, distro)
     customize.enable_units(root)
     modules = root / "lib/modules"
