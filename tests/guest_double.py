@@ -193,6 +193,13 @@ def healthy_cloudinit(swap: bool = True) -> dict[str, Answer]:
     a[CLOUD_INIT_LOG_GREP] = "-rw-r--r-- 1 root root 180000 Nov 22 01:01 /var/log/cloud-init.log\n"
     a[standard.SERVICES] = ("ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
                             "waagent.service not-found\ncloud-init.service enabled\n")
+    # cloud-init's disable_root: root gets the user's keys behind a command that refuses the login.
+    a[standard.ACCOUNTS] = ("user azureuser uid=1000 home=/home/azureuser\n"
+                            "keys root /root/.ssh/authorized_keys 1\n"
+                            "keys azureuser /home/azureuser/.ssh/authorized_keys 1\n")
+    a["cat /root/.ssh/authorized_keys"] = (
+        'no-port-forwarding,no-agent-forwarding,no-X11-forwarding,command="echo \'Please login as the user '
+        '\\"azureuser\\" rather than the user \\"root\\".\';echo;sleep 10;exit 142" ' + KEY + "\n")
     return a
 
 

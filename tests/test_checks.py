@@ -262,11 +262,17 @@ SCENARIOS = [
     Scenario("a user left behind", "standard.no-preexisting-users",
              {standard.ACCOUNTS: "user builder uid=1001 home=/home/builder\n"
                                  "user azureuser uid=1000 home=/home/azureuser\n"
-                                 "password builder\nkeys builder /home/builder/.ssh/authorized_keys 2\n"},
+                                 "password builder\nkeys builder /home/builder/.ssh/authorized_keys 2\n",
+              "cat /home/builder/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCbuilder builder@ci\n"
+                                                        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIbuilder2 b@ci\n"},
              "user builder (uid=1001)", "keys builder"),
     Scenario("root keeps a password and keys", "standard.no-preexisting-users",
-             {standard.ACCOUNTS: "password root\nkeys root /root/.ssh/authorized_keys 1\n"},
+             {standard.ACCOUNTS: "password root\nkeys root /root/.ssh/authorized_keys 1\n",
+              "cat /root/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCvendor vendor@build\n"},
              "root has a password", "keys root /root/.ssh/authorized_keys"),
+    Scenario("root keeps the OVF key without the login refusal", "standard.no-preexisting-users",
+             {"cat /root/.ssh/authorized_keys": KEY + "\n"}, "root has SSH keys in /root/.ssh/authorized_keys",
+             "ssh-ed25519", distro="debian-12-cloudinit"),
     Scenario("agent too old", "standard.waagent-version",
              {probes.WAAGENT_VERSION: "WALinuxAgent - 2.2.40 running on debian 10\n"}, "older than 2.2.41", "2.2.40"),
     Scenario("auto-update off", "standard.agent-autoupdate",

@@ -101,7 +101,7 @@ def sudo(ctx: CheckContext) -> CheckResult:
         return failed(f"{name} may not run ALL commands as root", res)
     if ctx.profile.password is None and not nopw:
         return failed(f"the OVF gave no password but {name}'s sudo rule asks for one", res)
-    return passed(f"{name}: {all_rules[0]}", res)
+    return passed(f"{name}: {(nopw or all_rules)[0]}", res)
 
 
 @check(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 from imagekit.checks.base import CheckContext, CheckResult, Evidence, check, failed, passed
 from imagekit.checks.probes import (
@@ -44,7 +45,7 @@ ACCOUNTS = (
     "else if (s ~ /^\\$/ || (length(s) >= 13 && s !~ /^[!*]/)) print \"password \" $1}' /etc/shadow; "
     "getent passwd | awk -F: '{print $1 \" \" $6}' | while read -r u h; do "
     "for f in \"$h/.ssh/authorized_keys\" \"$h/.ssh/authorized_keys2\"; do "
-    "[ -s \"$f\" ] && echo \"keys $u $f $(grep -c . \"$f\")\"; done; done"
+    "[ -s \"$f\" ] && echo \"keys $u $f $(grep -c . \"$f\")\"; done; done; true"
 )
 MODULES = (
     "for m in udf vfat; do out=$(modprobe -n -v $m 2>&1); echo \"$m exit=$? ${out:-(loaded or built in)}\"; "
@@ -173,7 +174,9 @@ def shell_history(ctx: CheckContext) -> CheckResult:
 def no_preexisting_users(ctx: CheckContext) -> CheckResult:
     res = ctx.run(ACCOUNTS)
     me = ctx.profile.username
-    problems = []
+    problems: list[str] = []
+    notes: list[str] = []
+    evidence: list[Evidence] = [res]
     for ln in res.stdout.splitlines():
         f = ln.split()
         if len(f) < 2 or f[1] == me:
@@ -185,10 +188,28 @@ def no_preexisting_users(ctx: CheckContext) -> CheckResult:
         elif f[0] == "empty-password":
             problems.append(f"{f[1]} has an empty password")
         elif f[0] == "keys":
-            problems.append(f"{f[1]} has SSH keys in {f[2]}")
+            keys = ctx.run(f"cat {shlex.quote(f[2])}")
+            evidence.append(keys)
+            if _refused_copies_of_ovf_keys(keys.stdout, ctx.profile.ssh_public_keys):
+                notes.append(f"{f[2]} holds only the OVF's keys with a forced command refusing login "
+                             "(cloud-init disable_root)")
+            else:
+                problems.append(f"{f[1]} has SSH keys in {f[2]}")
+    note = f" ({'; '.join(notes)})" if notes else ""
     if problems:
-        return failed("left behind: " + "; ".join(problems), res)
-    return passed(f"only {me} (provisioned) has a login", res)
+        return failed("left behind: " + "; ".join(problems) + note, *evidence)
+    return passed(f"only {me} (provisioned) has a login{note}", *evidence)
+
+
+def _refused_copies_of_ovf_keys(text: str, ovf_keys: tuple[str, ...]) -> bool:
+    """True if every key line is one of the OVF's keys behind a ``command=`` option (a login refusal)."""
+    from imagekit.checks.provisioning import _key_id
+
+    wanted = {_key_id(k) for k in ovf_keys}
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return bool(lines) and all(
+        "command=" in ln.split(" ssh-")[0] and _key_id(ln) in wanted for ln in lines
+    )
 
 
 @check(
