@@ -149,7 +149,10 @@ def test_writes_leave_no_temporary_files(written: tuple[list[CheckRun], dict[str
 def test_timeline_and_fabric_record_helpers() -> None:
     phases, events = timeline({"qemu start": 0.5, "ready": 20.0, "first console output": 2.0})
     assert phases[0] == Phase("launch QEMU", -0.5, 0.0)
-    assert [p.name for p in phases[1:]] == ["QEMU started → first console output", "first console output → ready"]
+    assert [p.name for p in phases[1:]] == ["firmware and boot loader",
+                                            "kernel, boot and agent provisioning until Ready"]
+    other, _ = timeline({"something new": 3.0})
+    assert other[0].name == "QEMU started → something new"
     assert events == [("first console output", 2.0), ("ready", 20.0)]
     assert phases_from_durations({"a": 1.0, "b": 2.5}) == [Phase("a", 0.0, 1.0), Phase("b", 1.0, 3.5)]
 

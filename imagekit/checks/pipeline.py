@@ -52,6 +52,17 @@ def fabric_record(fabric: _Reports, t0: float | None = None) -> RecordedFabric:
     return RecordedFabric(tuple(out))
 
 
+# What happens in the span that ends at each milestone the runner and this stage record.
+PHASE_LABELS = {
+    "first console output": "firmware and boot loader",
+    "ready": "kernel, boot and agent provisioning until Ready",
+    "host keys on console": "cloud-init config and final stages",
+    "ssh ready": "SSH login as the provisioned user",
+    "resource disk handled": "resource disk: the agent's own code",
+    "checks done": "checks over SSH",
+}
+
+
 def timeline(timings: Mapping[str, float]) -> tuple[list[Phase], list[tuple[str, float]]]:
     """Phases and milestones from a provisioned VM's timings.
 
@@ -64,7 +75,8 @@ def timeline(timings: Mapping[str, float]) -> tuple[list[Phase], list[tuple[str,
         phases.append(Phase("launch QEMU", -float(timings["qemu start"]), 0.0))
     prev_name, prev_t = "QEMU started", 0.0
     for name, t in events:
-        phases.append(Phase(f"{prev_name} → {name}", prev_t, t))
+        label = PHASE_LABELS.get(name, f"{prev_name} → {name}")
+        phases.append(Phase(label, prev_t, t))
         prev_name, prev_t = name, t
     return phases, events
 
