@@ -184,6 +184,14 @@ def plan(distro: Distro, username: str) -> list[Step]:
              (Claim(f"no sudoers rule names {username}",
                     f"! grep -rqw -- {q} /etc/sudoers /etc/sudoers.d 2>/dev/null"),
               Claim("sudoers still parses", "visudo -c >/dev/null 2>&1 || ! command -v visudo >/dev/null"))),
+        Step("drop root's login-refusal keys",
+             # cloud-init's disable_root puts the user's key into root's authorized_keys behind a command
+             # that says "Please login as the user <name>": the build user's key and name must not ship
+             "f=/root/.ssh/authorized_keys; [ -f $f ] || exit 0; "
+             f"sed -i \"/\\b{username}\\b/d\" $f; grep -q . $f || rm -f $f",
+             "imagekit",
+             (Claim(f"root's authorized_keys does not name {username}",
+                    f"! grep -qw -- {q} /root/.ssh/authorized_keys 2>/dev/null"),)),
         Step("replace the account-file backups",
              # useradd/userdel leave /etc/passwd- etc. holding the previous contents, i.e. the deleted user
              "for f in passwd group shadow gshadow subuid subgid; do [ -f /etc/$f ] || continue; "
