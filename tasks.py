@@ -104,17 +104,22 @@ def iso(
 @task(help={
     "distro": "distro id from the table (invoke distros lists them), e.g. debian-12",
     "rebuild": "build again even if an image with the same inputs is cached",
+    "prune": "afterwards remove this distro's older cached images (not those a process has open)",
     "verbose": "log debug detail (every command run)",
 })
 @_cli
-def base(c: Context, distro: str = "debian-12", rebuild: bool = False, verbose: bool = False) -> None:
+def base(c: Context, distro: str = "debian-12", rebuild: bool = False, prune: bool = False,
+         verbose: bool = False) -> None:
     """Build (or find in the cache) the distro's base image; print its path on the last line.
 
     The image is read-only: put a qcow2 overlay on it, never write to it.
     """
-    from imagekit.base import ensure_base
+    from imagekit import base as base_images
 
-    img = ensure_base(distro, rebuild=rebuild)
+    img = base_images.ensure_base(distro, rebuild=rebuild)
+    if prune:
+        for old in base_images.prune(img.distro_id):
+            print(f"removed {old}")
     print(f"{img.distro_id}: kernel {img.kernel}, {len(img.packages)} packages, "
           f"{'cached' if img.cached else 'built'}; meta {img.meta}")
     print(img.path)

@@ -338,3 +338,20 @@ def test_a_security_archive_without_its_packages_is_recognised() -> None:
     main_404 = CommandError(["mmdebstrap"], 25, "",
                             "E: Failed to fetch http://m/debian/pool/main/x.deb  404  Not Found")
     assert _unfetchable_optional(main_404, srcs) == []
+
+
+def test_prune_keeps_the_newest_and_any_image_in_use(tmp_path: Path) -> None:
+    from imagekit.base import prune
+
+    root = tmp_path / "base"
+    for i in range(3):
+        e = cache.entry_dir(root, "x", f"{i}" * 64)
+        e.mkdir(parents=True)
+        (e / cache.IMAGE_NAME).write_bytes(b"img")
+        meta = {"distro_id": "x", "key": f"{i}" * 64, "created": f"2026-0{i + 1}"}
+        cache.write_json_atomic(e / cache.META_NAME, meta)
+    held = cache.entry_dir(root, "x", "0" * 64) / cache.IMAGE_NAME
+    with held.open("rb"):
+        removed = prune("x", cache=tmp_path)
+    assert [p.name for p in removed] == ["1" * cache.KEY_LEN]
+    assert sorted(e.name for e, _ in cache.entries(root, "x")) == ["0" * cache.KEY_LEN, "2" * cache.KEY_LEN]

@@ -12,10 +12,12 @@ built from the same other inputs is used (with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -214,3 +216,34 @@ def _ensure_bootstrap(d: Distro, *, cache: Path | None, rebuild: bool, min_free_
         cache_mod.write_json_atomic(dest / cache_mod.META_NAME, meta)
         return BaseImage.from_meta(dest, meta, cached=False)
 
+
+
+def _open_files() -> set[str]:
+    """Paths any process has open (QEMU keeps a backing file open while a VM runs on an overlay)."""
+    found: set[str] = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    found.add(os.readlink(fd))
+        except OSError:
+            continue
+    return found
+
+
+def prune(distro_id: str, *, cache: Path | None = None, keep: int = 1) -> list[Path]:
+    """Remove all but the newest ``keep`` cached images of ``distro_id``, except any a process has open.
+
+    Overlays made on a removed image stop working: prune only when none of them is still needed.
+    """
+    root = cache_mod.base_root(cache)
+    removed: list[Path] = []
+    with cache_mod.distro_lock(root, distro_id):
+        in_use = _open_files()
+        for entry, _meta in cache_mod.entries(root, distro_id)[keep:]:
+            if str(entry / cache_mod.IMAGE_NAME) in in_use:
+                log.info("keeping %s: in use", entry)
+                continue
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed
