@@ -75,5 +75,8 @@ def test_skipped_deprovision_is_caught_by_the_verify_boot(tmp_path: Path) -> Non
     with pytest.raises(BuildError, match="did not provision again") as exc:
         build("debian-12", _opts(tmp_path, skip_deprovision=True, skip_scan=True))
     text = str(exc.value)
-    assert "ikv" in text or "SSH" in text or "ssh" in text, text
+    # provision() only tries SSH after the agent reported Ready: so waagent said Ready, yet the new user
+    # cannot log in — it was never created (the old marker short-circuits provisioning)
+    assert "SSH login to debian-12-verify as ikv" in text, text
+    assert "AuthenticationException" in text, text
     assert Gallery(tmp_path / "images").versions() == []
