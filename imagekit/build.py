@@ -140,12 +140,26 @@ def _check_summary(outcome: Any) -> list[dict[str, Any]]:
 
 
 def _source(distro: Distro, base: Any, facts: dict[str, Any]) -> dict[str, Any]:
+    """Where the image came from: the suite and archive state (Release file hashes) for a bootstrap, the
+    image URL and its verified checksum for a download, with the installed package versions either way."""
+    inputs = _base_meta(base).get("inputs", {})
     src = distro.source
+    out: dict[str, Any] = {"kind": src.kind.value, "base_key": base.key}
     if src.kind is SourceKind.BOOTSTRAP:
-        return {"kind": "bootstrap", "suite": src.suite, "variant": src.variant, "components": list(src.components),
-                "base_key": base.key, "packages": facts["packages"]}
-    return {"kind": "download", "url": src.url, "checksum_url": src.checksum_url,
-            "checksum_algorithm": src.checksum_algorithm, "base_key": base.key, "packages": facts["packages"]}
+        out.update(suite=src.suite, variant=src.variant, components=list(src.components),
+                   archive=inputs.get("archive", {}), apt_sources=_base_meta(base).get("apt_sources"))
+    else:
+        out.update(url=src.url, checksum_url=src.checksum_url, image=inputs.get("image", {}))
+    out["packages"] = facts["packages"]
+    return out
+
+
+def _base_meta(base: Any) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(Path(base.meta).read_text())
+        return data
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _run_checks(pvm: Any, distro: Distro, plan: Any, report_dir: Path, what: str) -> Any:

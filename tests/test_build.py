@@ -1,0 +1,41 @@
+"""The build pipeline's pieces that need no VM: provenance in the manifest, fresh user names per VM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from imagekit import build, distros
+from imagekit import provision as provision_module
+
+
+def test_source_for_bootstrap_records_archive_state_and_packages(tmp_path: Path) -> None:
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"inputs": {"archive": {"bookworm": "abc123"}}, "apt_sources": ["deb x bookworm main"]}))
+    base = SimpleNamespace(key="k1", meta=meta)
+    src = build._source(distros.get("debian-12"), base, {"packages": {"waagent": "2.7.3-1"}})
+    assert src["kind"] == "bootstrap" and src["suite"] == "bookworm" and src["base_key"] == "k1"
+    assert src["archive"] == {"bookworm": "abc123"} and src["packages"] == {"waagent": "2.7.3-1"}
+
+
+def test_source_for_download_records_url_and_checksum(tmp_path: Path) -> None:
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"inputs": {"image": {"url": "https://example.invalid/x.qcow2", "sha256": "ff"}}}))
+    d = next(x for x in distros.default_table().values() if x.source.kind.value == "download")
+    src = build._source(d, SimpleNamespace(key="k2", meta=meta), {"packages": {}})
+    assert src["kind"] == "download" and src["image"]["sha256"] == "ff" and src["url"] == d.source.url
+
+
+def test_each_vm_gets_a_fresh_user_name() -> None:
+    before = provision_module.DEFAULT_USERNAME
+    with build._username("build") as a:
+        assert a == provision_module.DEFAULT_USERNAME and a.startswith("ikb")
+    with build._username("verify") as b:
+        assert b.startswith("ikv") and b != a
+    assert before == provision_module.DEFAULT_USERNAME
+
+
+def test_toolkit_version_names_the_commit() -> None:
+    v = build._toolkit_version()
+    assert v["imagekit"] and v["qemu-img"].startswith("qemu-img version")
