@@ -312,6 +312,9 @@ class Gallery:
             final = dict(manifest, distro=distro, version=str(version), registered_at=registered_at)
             write_json_atomic(staging.path / MANIFEST_NAME, final)
             (staging.path / _OWNER_LOCK).unlink()
+            for f in staging.path.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    f.chmod(0o444)  # immutable by intent: nothing rewrites a registered artifact in place
             _fsync_dir(staging.path)
             target_dir = self.root / distro
             target_dir.mkdir(exist_ok=True)

@@ -46,7 +46,8 @@ def test_register_list_latest_first(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "index.json").read_text())
     assert set(index["distros"]["debian-12"]) == {"12.0.5", "12.0.10", "12.1.0", "12.0.9"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
-    assert ((tmp_path / "debian-12" / "12.0.10" / "manifest.json").stat().st_mode & 0o777) == 0o644
+    for f in ("manifest.json", "disk.vhd"):
+        assert ((tmp_path / "debian-12" / "12.0.10" / f).stat().st_mode & 0o777) == 0o444
     assert ((tmp_path / "index.json").stat().st_mode & 0o777) == 0o644
 
 
