@@ -180,3 +180,12 @@ def test_sigkill_at_random_points_leaves_none_or_complete(tmp_path: Path) -> Non
         assert not [p for p in root.iterdir() if p.name.startswith((".staging-", ".trash-"))]
         _check_invariant(root)
     assert kills >= 5, f"seed {seed}: only {kills} runs were killed; the timing window needs widening"
+
+
+def test_ctrl_c_during_a_build_leaves_no_version(tmp_path: Path) -> None:
+    g = Gallery(tmp_path)
+    with pytest.raises(KeyboardInterrupt), g.staging() as st:
+        (st.path / "disk.vhd").write_bytes(b"half written")
+        raise KeyboardInterrupt
+    assert not st.path.exists()
+    assert g.versions() == []
