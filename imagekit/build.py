@@ -23,6 +23,7 @@ import json
 import logging
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from typing import Any
 
 import imagekit
 from imagekit import distros
-from imagekit.capture import QCOW2_NAME, VHD_NAME, capture
+from imagekit.capture import VHD_NAME, capture
 from imagekit.deprovision import DeprovisionReport, check_image, deprovision
 from imagekit.distros import Distro, Family, SourceKind
 from imagekit.errors import BuildError, CheckFailed, ImagekitError
@@ -238,15 +239,21 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
                 artifacts = capture(Path(overlay), staging.path, timings, vhd_ready=scan)
             vm_timings["build_vm"] = pvm.timings.as_dict()
             build_user = {"username": who.username, "hostname": who.hostname, "vm_uuid": str(pvm.vm.vm_uuid)}
-        with _username("verify"), step("verify boot (new VM)", timings):
+        with _username("verify"), step("verify boot (new VM)", timings), \
+                tempfile.TemporaryDirectory(prefix="ik-verify-") as vtmp:
+            # Boot the artifact that goes to Azure: the fixed VHD itself, under a qcow2 layer (provision()
+            # puts its overlay on a qcow2 base). The qcow2 artifact was compared equal to the same source.
+            vhd_base = Path(vtmp) / "vhd-layer.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vpc", "-b", (staging.path / VHD_NAME).resolve(),
+                 vhd_base])
             try:
-                with provision(d, custom_data=custom, base_image=staging.path / QCOW2_NAME, workdir=workdir,
+                with provision(d, custom_data=custom, base_image=vhd_base, workdir=workdir,
                                memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-verify",
                                ready_timeout=VERIFY_READY_TIMEOUT, ssh_timeout=VERIFY_SSH_TIMEOUT) as pvm2:
                     with step("verify VM: checks", timings):
                         verify_outcome = _run_checks(pvm2, d, plan, report_dir / "verify", "verify VM")
                     who2 = pvm2.profile
-                    verify_user = {"username": who2.username, "hostname": who2.hostname,
+                    verify_user = {"username": who2.username, "hostname": who2.hostname, "booted": VHD_NAME,
                                    "vm_uuid": str(pvm2.vm.vm_uuid)}
                     vm_timings["verify_vm"] = pvm2.timings.as_dict()
             except ImagekitError as exc:
