@@ -261,19 +261,28 @@ def install_waagent_shim(guest: Guest, plan: ResourceDiskPlan) -> dict[str, Any]
     _must(guest, _write_file_cmd(f"{SHIM_DIR}/sitecustomize.py", shim_source(plan.device)), "writing the shim")
     _must(guest, _write_file_cmd(f"{dropin_dir}/{DROPIN_NAME}", dropin_source()), "writing the drop-in")
     _must(guest, "systemctl daemon-reload", "systemctl daemon-reload")
+    # The shim logs one line per lookup; counting them tells this start's lines from an earlier one's.
+    marks = guest.run(f"grep -c '{SHIM_MARK}' /var/log/waagent.log").stdout.strip()
     env = _must(guest, f"systemctl show -p Environment -p DropInPaths {unit}", "reading the unit")
     if SHIM_DIR not in env.stdout:
         raise VMError(f"the drop-in did not take effect on {unit}:\n{env.evidence(1500)}")
     _must(guest, f"systemctl restart {unit}", f"restarting {unit}", timeout=180)
     log.info("waagent shim installed; %s restarted to handle %s (%s)", unit, plan.device, disk)
     return {"waagent_unit": unit, "resource_disk_kernel_name": disk, "resource_disk_note": plan.note,
-            "waagent_shim": f"{SHIM_DIR}/sitecustomize.py + {dropin_dir}/{DROPIN_NAME}"}
+            "waagent_shim": f"{SHIM_DIR}/sitecustomize.py + {dropin_dir}/{DROPIN_NAME}",
+            "shim_lookups_before": int(marks) if marks.isdigit() else 0}
 
 
-def _settled(guest: Guest, plan: ResourceDiskPlan) -> tuple[bool, str]:
-    """Has the agent finished with the resource disk (done or failed)? Returns (done, evidence)."""
+def _settled(guest: Guest, plan: ResourceDiskPlan, lookups_before: int = 0) -> tuple[bool, str]:
+    """Has the agent finished with the resource disk (done or failed)? Returns (done, evidence).
+
+    For waagent, only a start after the shim went in counts: more shim lookups than ``lookups_before``.
+    """
     mp = shlex.quote(plan.mount_point)
     if plan.owner is Agent.WAAGENT:
+        count = guest.run(f"grep -c '{SHIM_MARK}' /var/log/waagent.log").stdout.strip()
+        if not count.isdigit() or int(count) <= lookups_before:
+            return False, f"waagent has not looked the resource disk up since the restart ({count or 0} lookups)"
         # Only the log since the agent last started with the shim: an earlier run's lines do not count.
         res = guest.run(
             f"awk -v m='{SHIM_MARK}' 'index($0, m) {{buf = \"\"}} {{buf = buf $0 \"\\n\"}} END {{printf \"%s\", buf}}' "
@@ -302,7 +311,7 @@ def activate_resource_disk(guest: Guest, plan: ResourceDiskPlan, *, timeout: flo
     start = time.monotonic()
     evidence = ""
     while time.monotonic() - start < timeout:
-        done, evidence = _settled(guest, plan)
+        done, evidence = _settled(guest, plan, int(facts.get("shim_lookups_before", 0)))
         if done:
             break
         time.sleep(2)
