@@ -213,3 +213,76 @@ def test_custom_data_is_json_yaml_with_the_cloud_config_header() -> None:
     data = resource_disk_custom_data(distros.get("debian-12-cloudinit"))
     assert data is not None and data.startswith(b"#cloud-config\n")
     assert json.loads(data.split(b"\n", 1)[1])["fs_setup"][0]["replace_fs"] == "ntfs"
+
+
+# --- waagent shim installation and the wait on the agent ----------------------------------------------
+
+
+@dataclass
+class AgentGuest:
+    """A test double for a waagent guest: file writes under /run really happen (under ``root``); the agent
+    is simulated — after ``systemctl restart`` it takes ``polls`` log polls before its shim lookup shows
+    up in waagent.log, then the disk is mounted and the swap file active."""
+
+    root: Path
+    polls: int = 2
+    lookups: int = 1  # the boot before the shim: one failed VMBus lookup was logged, no shim line
+    restarted: bool = False
+    calls: list[str] = field(default_factory=list)
+
+    def run(self, command: str, *, sudo: bool = True, timeout: float = 120.0) -> CommandResult:
+        self.calls.append(command)
+        ok = CommandResult(command, 0, "", "")
+        if command.startswith("readlink -f"):
+            return CommandResult(command, 0, "/dev/sdb\n", "")
+        if command.startswith("systemctl list-unit-files"):
+            return CommandResult(command, 0, "walinuxagent.service enabled enabled\n", "")
+        if command.startswith("mkdir -p /run/"):
+            p = subprocess.run(["sh", "-c", command.replace("/run/", f"{self.root}/run/")], capture_output=True,
+                               text=True)
+            return CommandResult(command, p.returncode, p.stdout, p.stderr)
+        if command.startswith("systemctl show -p Environment"):
+            env = (self.root / "run/systemd/system/walinuxagent.service.d/imagekit-resource-disk-shim.conf")
+            text = env.read_text() if env.exists() else ""
+            return CommandResult(command, 0, "\n".join(ln for ln in text.splitlines() if ln.startswith("Env")), "")
+        if command.startswith("systemctl restart"):
+            self.restarted = True
+            return ok
+        if command.startswith("grep -c"):
+            if self.restarted:
+                self.polls -= 1
+            shim_lines = 1 if self.restarted and self.polls < 0 else 0
+            return CommandResult(command, 0 if shim_lines else 1, f"{shim_lines}\n", "")
+        if command.startswith("awk"):
+            return CommandResult(command, 0, f"INFO {SHIM_MARK}: device_for_ide_port(1) -> sdb\n"
+                                 "INFO Enabled 262144KB of swap at /mnt/resource/swapfile\n"
+                                 "/mnt/resource is a mountpoint\n/mnt/resource/swapfile file 262140 0 -2\n", "")
+        return ok
+
+
+def test_shim_install_writes_only_under_run_and_waits_for_the_agents_next_lookup(tmp_path: Path) -> None:
+    from imagekit.checks.resource_setup import activate_resource_disk
+
+    guest = AgentGuest(tmp_path)
+    facts = activate_resource_disk(guest, plan_for(distros.get("debian-12")), timeout=60, poll=0.01)
+    shim = tmp_path / "run/imagekit/waagent-shim/sitecustomize.py"
+    dropin = tmp_path / "run/systemd/system/walinuxagent.service.d/imagekit-resource-disk-shim.conf"
+    assert shim.read_text() == shim_source()
+    assert dropin.read_text() == dropin_source()
+    assert oct(shim.stat().st_mode & 0o777) == "0o644"
+    writes = [c for c in guest.calls if ">" in c or "mv " in c]
+    assert writes and all("/run/" in c and "/etc/" not in c for c in writes)
+    order = [c.split()[0] + " " + c.split()[1] for c in guest.calls if c.startswith("systemctl")]
+    assert order.index("systemctl daemon-reload") < order.index("systemctl restart")
+    assert "resource_disk_timeout" not in facts
+    assert sum(c.startswith("grep -c") for c in guest.calls) >= 3  # it waited for the restart's lookup
+    assert "VMBus" in facts["resource_disk_note"]
+
+
+def test_agent_that_never_handles_the_disk_is_reported_not_waited_on_forever(tmp_path: Path) -> None:
+    from imagekit.checks.resource_setup import activate_resource_disk
+
+    guest = AgentGuest(tmp_path, polls=10**9)
+    facts = activate_resource_disk(guest, plan_for(distros.get("debian-12")), timeout=0.2,
+                                   poll=0.01)
+    assert "did not finish with the resource disk" in facts["resource_disk_timeout"]

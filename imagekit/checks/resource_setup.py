@@ -299,7 +299,8 @@ def _settled(guest: Guest, plan: ResourceDiskPlan, lookups_before: int = 0) -> t
     return True, res.evidence()
 
 
-def activate_resource_disk(guest: Guest, plan: ResourceDiskPlan, *, timeout: float = 300.0) -> dict[str, Any]:
+def activate_resource_disk(guest: Guest, plan: ResourceDiskPlan, *, timeout: float = 300.0,
+                           poll: float = 2.0) -> dict[str, Any]:
     """Run the set-up for ``plan.owner`` and wait until the agent has handled the disk (or given up).
 
     Waiting ends on the agent's own signals (waagent's log lines and the mount/swap state; cloud-init's
@@ -314,7 +315,7 @@ def activate_resource_disk(guest: Guest, plan: ResourceDiskPlan, *, timeout: flo
         done, evidence = _settled(guest, plan, int(facts.get("shim_lookups_before", 0)))
         if done:
             break
-        time.sleep(2)
+        time.sleep(poll)
     else:
         facts["resource_disk_timeout"] = f"agent did not finish with the resource disk in {timeout:.0f} s"
     facts["resource_disk_settle_seconds"] = round(time.monotonic() - start, 1)
