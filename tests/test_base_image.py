@@ -27,7 +27,7 @@ from imagekit.paths import REPO_ROOT
 
 pytestmark = pytest.mark.vm
 
-BOOTED = ("debian-12", "debian-12-cloudinit", "debian-13", "debian-13-cloudinit")
+BOOTED = ("debian-11", "debian-12", "debian-12-cloudinit", "debian-13", "debian-13-cloudinit")
 BOOT_DEADLINE_S = 600  # a hang fails the test; no assertion on speed
 HYPERV_SMBIOS = "type=1,manufacturer=Microsoft Corporation,product=Virtual Machine,version=Hyper-V UEFI Release v4.1"
 
