@@ -355,3 +355,25 @@ def test_prune_keeps_the_newest_and_any_image_in_use(tmp_path: Path) -> None:
         removed = prune("x", cache=tmp_path)
     assert [p.name for p in removed] == ["1" * cache.KEY_LEN]
     assert sorted(e.name for e, _ in cache.entries(root, "x")) == ["0" * cache.KEY_LEN, "2" * cache.KEY_LEN]
+
+
+def test_unreachable_mirror_falls_back_to_an_image_built_from_the_same_inputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagekit.errors import HostError
+
+    def offline(sources: list[apt.AptSource]) -> tuple[dict[str, str], list[apt.AptSource]]:
+        raise HostError("cannot reach the Debian mirror (test)")
+
+    monkeypatch.setenv("IMAGEKIT_DEBIAN_MIRROR", "http://mirror.invalid/debian")
+    monkeypatch.setattr(apt, "archive_fingerprint", offline)
+    with pytest.raises(HostError, match="cannot reach"):
+        ensure_base("debian-12", cache=tmp_path)  # nothing cached: the error stands
+    d = distros.get("debian-12")
+    entry = cache.entry_dir(tmp_path / "base", d.id, "e" * 64)
+    entry.mkdir(parents=True)
+    (entry / cache.IMAGE_NAME).write_bytes(b"img")
+    cache.write_json_atomic(entry / cache.META_NAME, {
+        "distro_id": d.id, "key": "e" * 64, "static_key": cache.compute_key(static_inputs(d)),
+        "created": "2026-11-22T00:00:00+00:00", "kernel": "6.1.0-x", "packages": {"waagent": "1"}})
+    img = ensure_base("debian-12", cache=tmp_path)
+    assert img.cached and img.path == entry / cache.IMAGE_NAME and img.kernel == "6.1.0-x"
