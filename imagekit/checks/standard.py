@@ -13,7 +13,6 @@ import shlex
 from imagekit.checks.base import CheckContext, CheckResult, Evidence, check, failed, passed
 from imagekit.checks.probes import (
     CMDLINE,
-    LSBLK,
     WAAGENT_VERSION,
     conf_lines,
     os_disk,
@@ -23,7 +22,7 @@ from imagekit.checks.probes import (
     waagent_conf,
 )
 from imagekit.checks.resource_setup import SHIM_MARK, WAAGENT_UNITS
-from imagekit.distros import Agent, Distro, Family
+from imagekit.distros import Agent, Family
 
 # Families whose initramfs is initramfs-tools: its init runs `sleep $ROOTDELAY` unconditionally, so
 # rootdelay=300 costs five minutes at every boot (azure-platform.md §8). dracut waits *up to* rootdelay.
@@ -447,10 +446,6 @@ def serial_console(ctx: CheckContext) -> CheckResult:
     return passed("serial-getty@ttyS0 active; console=ttyS0", res, cmd)
 
 
-def _agent_unit_names(distro: Distro) -> tuple[str, ...]:
-    return WAAGENT_UNITS
-
-
 @check(
     "standard.services-enabled",
     title="sshd and the agents enabled at boot",
@@ -465,7 +460,7 @@ def services_enabled(ctx: CheckContext) -> CheckResult:
     problems = []
     if not any(state.get(u) in ok for u in ("ssh.service", "sshd.service")):
         problems.append("sshd is not enabled")
-    if not any(state.get(u) in ok for u in _agent_unit_names(ctx.distro)):
+    if not any(state.get(u) in ok for u in WAAGENT_UNITS):
         problems.append("the Azure agent is not enabled")
     if ctx.distro.agent is Agent.CLOUD_INIT and state.get("cloud-init.service") not in ok:
         problems.append("cloud-init.service is not enabled")
@@ -473,5 +468,3 @@ def services_enabled(ctx: CheckContext) -> CheckResult:
         return failed("; ".join(problems), res)
     return passed("sshd and the agent(s) enabled", res)
 
-
-_ = LSBLK  # re-exported for the tests' guest double
