@@ -163,6 +163,9 @@ class SSHGuest:
         self.name = name or username
         self._transport: paramiko.Transport | None = None
         self.attempts = 0
+        # A first connection can stall while the guest restarts sshd: give up on it early, and allow
+        # more time on each later attempt in case the guest is merely slow.
+        self._kex_timeout = min(6.0, connect_timeout)
 
     # --- connecting -----------------------------------------------------------------------------
 
@@ -175,17 +178,24 @@ class SSHGuest:
         except BaseException:
             sock.close()
             raise
+        phase = "key exchange"
         try:
             transport.banner_timeout = self.connect_timeout
-            transport.start_client(timeout=self.connect_timeout)
+            # start_client returns silently when its timeout passes; a stalled exchange must be a retry.
+            transport.start_client(timeout=self._kex_timeout)
+            if not transport.is_active() or not transport.initial_kex_done:
+                raise paramiko.SSHException(f"key exchange did not finish within {self._kex_timeout:.0f} s")
             self.policy.verify(transport.get_remote_server_key())
+            phase = "authentication"
             transport.auth_publickey(self.username, self.key)
             if not transport.is_authenticated():
                 raise paramiko.AuthenticationException("public key not accepted")
             transport.set_keepalive(30)
             return transport
-        except BaseException:
+        except BaseException as exc:
             transport.close()
+            if isinstance(exc, paramiko.SSHException) and not isinstance(exc, paramiko.AuthenticationException):
+                raise paramiko.SSHException(f"{exc} (during {phase})") from exc
             raise
 
     def connect(self, timeout: float = 300.0, *, alive: Callable[[], None] | None = None) -> float:
@@ -199,6 +209,7 @@ class SSHGuest:
             if alive:
                 alive()
             self.attempts += 1
+            attempt_start = time.monotonic()
             try:
                 self._transport = self._open()
                 log.debug("SSH to %s as %s up after %d attempt(s)", self.name, self.username, self.attempts)
@@ -207,6 +218,10 @@ class SSHGuest:
                 raise
             except _RETRYABLE as exc:
                 last = exc
+                if "key exchange did not finish" in str(exc):
+                    self._kex_timeout = min(self._kex_timeout * 1.5, self.connect_timeout)
+                log.debug("SSH attempt %d to %s failed after %.1f s: %s: %s", self.attempts, self.name,
+                          time.monotonic() - attempt_start, type(exc).__name__, exc)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SSHTimeout(

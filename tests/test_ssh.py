@@ -202,3 +202,30 @@ def test_unreachable_socket_times_out(tmp_path: Path, keypair: tuple[Path, str])
         guest.connect(timeout=1)
     with pytest.raises(VMError, match="not open"):
         guest.run("true")
+
+
+def test_stalled_handshake_is_retried_not_waited_out(tmp_path: Path, keypair: tuple[Path, str]) -> None:
+    # A peer that accepts and never speaks, like a connection caught by an sshd restart.
+    path = tmp_path / "silent.sock"
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(str(path))
+    lsock.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(lsock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        guest = SSHGuest(path, "azureuser", load_private_key(keypair[0]), connect_timeout=1)
+        with pytest.raises(SSHTimeout, match="key exchange did not finish"):
+            guest.connect(timeout=4)
+        assert guest.attempts >= 2
+    finally:
+        lsock.close()
+        for c in held:
+            c.close()
