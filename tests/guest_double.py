@@ -163,7 +163,8 @@ def healthy_waagent() -> dict[str, Answer]:
                           "-rw-r--r-- 1 root root 20480 Nov 22 01:01 /var/log/waagent.log\n",
         SERIAL_CMD: "active\nenabled\n",
         standard.SERVICES: "ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
-                           "waagent.service not-found\ncloud-init.service not-found\n",
+                           "waagent.service not-found\ncloud-init-local.service not-found\n"
+                           "cloud-init.service not-found\ncloud-init-network.service not-found\n",
     }
 
 
@@ -192,7 +193,8 @@ def healthy_cloudinit(swap: bool = True) -> dict[str, Answer]:
     a[WAAGENT_LOG_GREP] = "-rw-r--r-- 1 root root 8192 Nov 22 01:01 /var/log/waagent.log\n"
     a[CLOUD_INIT_LOG_GREP] = "-rw-r--r-- 1 root root 180000 Nov 22 01:01 /var/log/cloud-init.log\n"
     a[standard.SERVICES] = ("ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
-                            "waagent.service not-found\ncloud-init.service enabled\n")
+                            "waagent.service not-found\ncloud-init-local.service enabled\ncloud-init.service enabled\n"
+                            "cloud-init-network.service not-found\n")
     # cloud-init's disable_root: root gets the user's keys behind a command that refuses the login.
     a[standard.ACCOUNTS] = ("user azureuser uid=1000 home=/home/azureuser\n"
                             "keys root /root/.ssh/authorized_keys 1\n"

@@ -315,6 +315,18 @@ SCENARIOS = [
              {CLOUD_INIT_LOG_GREP: "812:2026-11-22 01:00:12,000 - util.py[WARNING]: Running module locale "
                                    "(<module 'cloudinit.config.cc_locale'>) failed\n"},
              "1 error/failure line(s) in cloud-init.log", "Running module locale", distro="debian-12-cloudinit"),
+    Scenario("cloud-init disabled", "standard.services-enabled",
+             {standard.SERVICES: "ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
+                                 "waagent.service not-found\ncloud-init-local.service disabled\n"
+                                 "cloud-init.service not-found\ncloud-init-network.service disabled\n"},
+             "cloud-init is not enabled", "cloud-init-network.service disabled", distro="debian-12-cloudinit"),
+    Scenario("an ERROR next to the excused DHCP artefact still fails", "standard.cloud-init-log",
+             {CLOUD_INIT_LOG_GREP: "148:2026-11-22 01:46:52,925 - azure.py[ERROR]: Azure datasource failure "
+                                   "occurred: result=error|reason=failure to find primary DHCP interface|\n"
+                                   "300:2026-11-22 01:47:00,000 - cc_disk_setup.py[WARNING]: Failed partitioning "
+                                   "operation\n"},
+             "1 error/failure line(s) in cloud-init.log; 1 line(s) excused", "Failed partitioning",
+             distro="debian-12-cloudinit"),
     Scenario("no serial getty", "standard.serial-console", {SERIAL_CMD: (3, "inactive\ndisabled\n", "")},
              "no getty on ttyS0", "inactive"),
     Scenario("sshd disabled", "standard.services-enabled",
@@ -404,3 +416,18 @@ def test_key_parsing_ignores_options_and_comments() -> None:
     body = KEY.split()[1]
     assert _key_id('from="10.0.0.0/8",no-pty ' + KEY) == ("ssh-ed25519", body)
     assert _key_id(KEY.rsplit(" ", 1)[0]) == ("ssh-ed25519", body)
+
+
+def test_cloud_init_24_unit_names_and_the_dhcp_artefact_pass_with_a_note() -> None:
+    """Debian 13 (cloud-init 25.1): cloud-init-network.service replaces cloud-init.service; QEMU's DHCP
+    without option 121/245 makes cloud-init log an ERROR that Azure's DHCP would not cause."""
+    answers = healthy_cloudinit()
+    answers[standard.SERVICES] = ("ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
+                                  "waagent.service not-found\ncloud-init-local.service enabled\n"
+                                  "cloud-init.service not-found\ncloud-init-network.service enabled\n")
+    answers[CLOUD_INIT_LOG_GREP] = ("148:2026-11-22 01:46:52,925 - azure.py[ERROR]: Azure datasource failure "
+                                    "occurred: result=error|reason=failure to find primary DHCP interface|\n")
+    ctx, _ = make_ctx("debian-13-cloudinit", answers)
+    assert catalogue()["standard.services-enabled"].run(ctx).status is Status.PASS
+    log = catalogue()["standard.cloud-init-log"].run(ctx)
+    assert log.status is Status.PASS and "1 line(s) excused" in log.summary and "option 121/245" in log.summary

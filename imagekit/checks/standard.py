@@ -32,6 +32,9 @@ HV_MODULES = ("hv_vmbus", "hv_storvsc", "hv_netvsc")
 # Lines in waagent.log that running under QEMU produces before the resource-disk shim is in place: the
 # agent's VMBus lookup finds no disk. They say nothing about the image and are reported, not counted.
 QEMU_ONLY_WAAGENT_ERRORS = ("unable to detect disk topology",)
+# cloud-init ≥ 23 reports this when the DHCP lease has no option 121/245 routes to the WireServer or IMDS,
+# which QEMU's user-mode DHCP cannot send (azure-platform.md §3, §4); on Azure the lease carries them.
+QEMU_ONLY_CLOUD_INIT_ERRORS = ("failure to find primary DHCP interface",)
 
 HISTORY = (
     "for d in /root $(awk -F: '$3>=1000 && $3<65534 {print $6}' /etc/passwd); do "
@@ -60,7 +63,8 @@ INITRAMFS_HV = (
     "| sed 's/$/ (built in)/'"
 )
 SERVICES = (
-    "for u in ssh.service sshd.service walinuxagent.service waagent.service cloud-init.service; do "
+    "for u in ssh.service sshd.service walinuxagent.service waagent.service cloud-init-local.service "
+    "cloud-init.service cloud-init-network.service; do "
     "s=$(systemctl is-enabled $u 2>/dev/null); echo \"$u ${s:-not-found}\"; done"
 )
 
@@ -419,10 +423,14 @@ def cloud_init_log(ctx: CheckContext) -> CheckResult:
                   "/var/log/cloud-init.log; ls -l /var/log/cloud-init.log")
     if "No such file" in res.stderr:
         return failed("/var/log/cloud-init.log does not exist", res)
-    errors = [ln for ln in res.stdout.splitlines() if re.match(r"^\d+:", ln)]
+    lines = [ln for ln in res.stdout.splitlines() if re.match(r"^\d+:", ln)]
+    excused = [ln for ln in lines if any(s in ln for s in QEMU_ONLY_CLOUD_INIT_ERRORS)]
+    errors = [ln for ln in lines if ln not in excused]
+    note = (f"; {len(excused)} line(s) excused: no primary DHCP interface, because QEMU's DHCP sends no "
+            "option 121/245 routes (Azure's does)" if excused else "")
     if errors:
-        return failed(f"{len(errors)} error/failure line(s) in cloud-init.log", res)
-    return passed("no errors in cloud-init.log", res)
+        return failed(f"{len(errors)} error/failure line(s) in cloud-init.log{note}", res)
+    return passed(f"no errors in cloud-init.log{note}", res)
 
 
 @check(
@@ -462,8 +470,12 @@ def services_enabled(ctx: CheckContext) -> CheckResult:
         problems.append("sshd is not enabled")
     if not any(state.get(u) in ok for u in WAAGENT_UNITS):
         problems.append("the Azure agent is not enabled")
-    if ctx.distro.agent is Agent.CLOUD_INIT and state.get("cloud-init.service") not in ok:
-        problems.append("cloud-init.service is not enabled")
+    # cloud-init 24.3 renamed cloud-init.service to cloud-init-network.service (Debian 13 ships 25.1).
+    if ctx.distro.agent is Agent.CLOUD_INIT and not (
+        state.get("cloud-init-local.service") in ok
+        and any(state.get(u) in ok for u in ("cloud-init.service", "cloud-init-network.service"))
+    ):
+        problems.append("cloud-init is not enabled (cloud-init-local and cloud-init[-network].service)")
     if problems:
         return failed("; ".join(problems), res)
     return passed("sshd and the agent(s) enabled", res)
