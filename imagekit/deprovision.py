@@ -205,12 +205,17 @@ def plan(distro: Distro, username: str) -> list[Step]:
              # last when the interface goes down at shutdown; a unit that lives in /run (gone at the next
              # boot) and is ordered before the network stops after it and removes the leases then
              "mkdir -p /run/systemd/system && cat > /run/systemd/system/ik-generalize-leases.service <<'EOF'\n"
+             # network-pre.target is pulled in so that ifup@<nic>.service (After=network-pre.target) is
+             # stopped before it; the ExecStop also waits for dhclient to exit, whatever manages it
              "[Unit]\nDescription=Remove DHCP leases after the network is down (image capture)\n"
-             "DefaultDependencies=no\nAfter=local-fs.target\n"
+             "DefaultDependencies=no\nWants=network-pre.target\nAfter=local-fs.target\n"
              "Before=network-pre.target networking.service NetworkManager.service systemd-networkd.service "
              "shutdown.target\nConflicts=shutdown.target\n"
-             "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
-             "ExecStop=/bin/sh -c 'rm -rf /var/lib/dhcp/* /var/lib/dhclient/* /var/lib/NetworkManager/*lease*'\n"
+             "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\nTimeoutStopSec=30\n"
+             # ($$ because systemd expands $NAME in Exec lines itself)
+             "ExecStop=/bin/sh -c 'i=0; while [ $$i -lt 100 ] && pgrep -x dhclient >/dev/null 2>&1; do "
+             "sleep 0.2; i=$$((i+1)); done; rm -rf /var/lib/dhcp/* /var/lib/dhclient/* "
+             "/var/lib/NetworkManager/*lease*'\n"
              "EOF\n"
              "systemctl daemon-reload && systemctl start ik-generalize-leases.service && "
              "rm -rf /var/lib/dhcp/* /var/lib/dhclient/*",

@@ -83,4 +83,4 @@ def test_rendered_plan_is_valid_shell(distro: str) -> None:
     res = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     # the unit file text reaches the guest intact (heredoc inside the step's subshell)
-    assert "ExecStop=/bin/sh -c 'rm -rf /var/lib/dhcp/*" in script
+    assert "rm -rf /var/lib/dhcp/* /var/lib/dhclient/*" in script and "Wants=network-pre.target" in script
