@@ -117,9 +117,15 @@ class Staging:
         self.published = False
 
 
+def default_root() -> Path:
+    """``$IMAGEKIT_IMAGES`` if set, else the repository's ``images/``."""
+    env = os.environ.get("IMAGEKIT_IMAGES")
+    return Path(env) if env else IMAGES_DIR
+
+
 class Gallery:
-    def __init__(self, root: Path = IMAGES_DIR) -> None:
-        self.root = root
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root if root is not None else default_root()
 
     # -- locking and clean-up ---------------------------------------------------------------------
 

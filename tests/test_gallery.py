@@ -189,3 +189,30 @@ def test_ctrl_c_during_a_build_leaves_no_version(tmp_path: Path) -> None:
         raise KeyboardInterrupt
     assert not st.path.exists()
     assert g.versions() == []
+
+
+def test_tasks_list_latest_deprecate_remove(tmp_path: Path) -> None:
+    """The Invoke tasks, run as a user runs them (a subprocess), against a gallery in a temp dir."""
+    g = Gallery(tmp_path)
+    for v in ["12.0.1", "12.0.2"]:
+        _register(g, v)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, IMAGEKIT_IMAGES=str(tmp_path))
+
+    def inv(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(repo / ".venv/bin/invoke"), *args], cwd=repo, env=env, capture_output=True,
+                              text=True)
+
+    out = inv("images").stdout
+    assert out.index("12.0.2") < out.index("12.0.1") and "active" in out
+    assert inv("images", "--distro", "debian-12", "--latest").stdout.startswith("debian-12 12.0.2")
+    res = inv("images-deprecate", "--distro", "debian-12", "--version", "12.0.2", "--end-of-life", "2099-01-01")
+    assert res.returncode == 0 and "deprecated" in res.stdout, res.stderr
+    assert inv("images", "--distro", "debian-12", "--latest").stdout.startswith("debian-12 12.0.1")
+    bad = inv("images-deprecate", "--distro", "debian-12", "--version", "12.0.2", "--end-of-life", "soon")
+    assert bad.returncode == 1 and "YYYY-MM-DD" in bad.stderr
+    assert inv("images-remove", "--distro", "debian-12", "--version", "12.0.1").returncode == 0
+    listing = json.loads(inv("images", "--all", "--json").stdout)
+    assert {(v["version"], v["status"]) for v in listing} == {("12.0.2", "deprecated"), ("12.0.1", "removed")}
+    missing = inv("images", "--distro", "debian-12", "--latest")
+    assert missing.returncode == 1 and "deprecated or past end of life" in missing.stderr
