@@ -91,10 +91,12 @@ def test_debian12_waagent_resource_disk_swap_file_and_provisioning(tmp_path: Pat
     _assert_reports(outcome)
 
 
-def test_debian12_cloudinit_resource_disk_and_swap_partition(tmp_path: Path) -> None:
+@pytest.mark.parametrize("distro_id", ["debian-12-cloudinit", "debian-13-cloudinit"])
+def test_cloudinit_resource_disk_and_swap_partition(tmp_path: Path, distro_id: str) -> None:
+    """cloud-init 22.4 (Debian 12) and 25.1 (Debian 13)."""
     from imagekit.provision import provision
 
-    d = distros.get("debian-12-cloudinit")
+    d = distros.get(distro_id)
     plan = plan_for(d, swap_percent=33)
     with provision(d, custom_data=resource_disk_custom_data(d, swap_percent=33), workdir=tmp_path / "run") as pvm:
         outcome = check_provisioned(pvm, plan=plan, report_dir=tmp_path / "report")
