@@ -185,7 +185,7 @@ def test_undo_removes_fstab_lines_turns_swap_off_and_unmounts(tmp_path: Path) ->
     assert RESOURCE_DISK not in fstab.read_text()
     assert "UUID=0a1b2c3d /" in fstab.read_text() and "/dev/vdc1" in fstab.read_text()
     assert any(c == "swapoff /dev/sdb2" for c in guest.calls)
-    assert any(c == "umount /mnt/resource" for c in guest.calls)
+    assert any(c.startswith("umount /mnt/resource") for c in guest.calls)
     assert any("removed from /etc/fstab" in x for x in done)
     assert not any(c.startswith("rmdir /mnt") for c in guest.calls)  # /mnt is the distro's own directory
 
