@@ -199,3 +199,15 @@ def test_check_task_exits_non_zero_when_a_check_fails(monkeypatch: pytest.Monkey
 def test_catalogue_is_listed_in_category_order() -> None:
     cats = [c.category for c in catalogue().values()]
     assert cats == sorted(cats, key=["provisioning", "resource-disk", "swap", "standard"].index)
+
+
+def test_timeline_bars_stay_inside_the_chart() -> None:
+    import re
+
+    from imagekit.checks.report import report_html
+
+    page = report_html(_runs(), _info())
+    lefts = [float(x) for x in re.findall(r"left:(-?[\d.]+)%", page)]
+    widths = [float(x) for x in re.findall(r"width:(-?[\d.]+)%", page)]
+    assert lefts and min(lefts) >= 0 and max(lefts) <= 100
+    assert widths and min(widths) >= 0 and max(widths) <= 100

@@ -213,10 +213,12 @@ def _timeline_html(info: RunInfo) -> str:
     spans = [(p.name, p.start, p.end) for p in info.phases] + [(n, t, t) for n, t in info.events]
     if not spans:
         return "<p class='why'>No timings were recorded for this run.</p>"
-    total = max(max(e for _, _, e in spans), 0.001)
+    # Spans may start before 0 (launching QEMU precedes "QEMU started"): scale from the earliest start.
+    origin = min(0.0, *(s for _, s, _ in spans))
+    total = max(max(e for _, _, e in spans) - origin, 0.001)
     rows = []
     for name, start, end in sorted(spans, key=lambda s: (s[1], s[2])):
-        left = 100 * start / total
+        left = 100 * (start - origin) / total
         if end > start:
             bar = f"<div style='left:{left:.2f}%;width:{100 * (end - start) / total:.2f}%'></div>"
             t = f"{start:.1f}–{end:.1f} s ({end - start:.1f} s)"
