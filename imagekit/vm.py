@@ -243,6 +243,7 @@ class VM:
         self.t_launch = 0.0
         self.t_qemu = 0.0
         self.t_first_output: float | None = None
+        self._output_lock = threading.Lock()
         self.detached = False
 
     # --- properties ------------------------------------------------------------------------------
@@ -352,6 +353,10 @@ class VM:
             if self._exited.is_set():
                 raise self._failure("QEMU exited during start-up") from exc
             raise self._failure(f"cannot connect to QMP: {exc}") from exc
+        # A panic before QMP was connected produced an event nobody heard; the run state still says so.
+        with contextlib.suppress(Exception):
+            if self._qmp.execute("query-status").get("status") == "guest-panicked":
+                self._qmp.panicked.set()
 
     def _spawn(self, target: Callable[[], None], what: str) -> None:
         t = threading.Thread(target=target, name=f"{what}-{self.name}", daemon=True)
@@ -375,15 +380,22 @@ class VM:
         self._exited.set()
         self._started.set()
 
+    def _note_output(self) -> None:
+        """Record the first console output once (whoever sees it first: the watcher or a waiter)."""
+        with self._output_lock:
+            if self.t_first_output is not None:
+                return
+            self.t_first_output = time.monotonic()
+        elapsed = self.t_first_output - self.t_qemu
+        self.timings.record("first console output", elapsed)
+        self.log.info("first console output %.1f s after QEMU started", elapsed)
+
     def _watch_console(self) -> None:
         # Polling the file's size is the cheapest honest signal for "the guest said something".
-        while not self._stop_watch.is_set() and not self._exited.is_set():
+        while not self._stop_watch.is_set() and not self._exited.is_set() and self.t_first_output is None:
             try:
                 if self.console_log.stat().st_size > 0:
-                    self.t_first_output = time.monotonic()
-                    elapsed = self.t_first_output - self.t_qemu
-                    self.timings.record("first console output", elapsed)
-                    self.log.info("first console output %.1f s after QEMU started", elapsed)
+                    self._note_output()
                     return
             except OSError:
                 pass
@@ -483,7 +495,10 @@ class VM:
         found: list[re.Match[str]] = []
 
         def seen(slice_seconds: float) -> bool:
-            m = rx.search(self.console_text())
+            text = self.console_text()
+            if text:
+                self._note_output()
+            m = rx.search(text)
             if m:
                 found.append(m)
                 return True
