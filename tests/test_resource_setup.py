@@ -286,3 +286,15 @@ def test_agent_that_never_handles_the_disk_is_reported_not_waited_on_forever(tmp
     facts = activate_resource_disk(guest, plan_for(distros.get("debian-12")), timeout=0.2,
                                    poll=0.01)
     assert "did not finish with the resource disk" in facts["resource_disk_timeout"]
+
+
+def test_waagent_with_format_off_installs_nothing_and_does_not_wait(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from imagekit.checks.resource_setup import activate_resource_disk
+
+    guest = AgentGuest(tmp_path, polls=10**9)
+    plan = replace(plan_for(distros.get("debian-12")), formatted=False, swap="none", swap_mib=0)
+    facts = activate_resource_disk(guest, plan, timeout=30, poll=0.01)
+    assert guest.calls == []
+    assert "Format=n" in facts["resource_disk_note"] and "resource_disk_timeout" not in facts

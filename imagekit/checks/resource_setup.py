@@ -307,7 +307,11 @@ def activate_resource_disk(guest: Guest, plan: ResourceDiskPlan, *, timeout: flo
     ``status --wait``), never on a fixed sleep. A timeout is not raised: the checks then report the state.
     """
     facts: dict[str, Any] = {"resource_disk_plan": plan.as_dict(), "resource_disk_note": plan.note}
-    if plan.owner is Agent.WAAGENT and plan.formatted:
+    if plan.owner is Agent.WAAGENT:
+        if not plan.formatted:
+            # ResourceDisk.Format=n: waagent leaves the disk alone, so there is nothing to run or wait for.
+            facts["resource_disk_note"] = "waagent.conf ResourceDisk.Format=n: the agent does not handle the disk"
+            return facts
         facts.update(install_waagent_shim(guest, plan))
     start = time.monotonic()
     evidence = ""
