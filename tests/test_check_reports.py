@@ -211,3 +211,68 @@ def test_timeline_bars_stay_inside_the_chart() -> None:
     widths = [float(x) for x in re.findall(r"width:(-?[\d.]+)%", page)]
     assert lefts and min(lefts) >= 0 and max(lefts) <= 100
     assert widths and min(widths) >= 0 and max(widths) <= 100
+
+
+def test_check_provisioned_runs_setup_checks_and_reports_for_a_provisioned_vm(tmp_path: Path) -> None:
+    """The stage as the build and `invoke check` call it, on a provisioned VM whose guest is the test
+    double (cloud-init: the set-up waits on `cloud-init status --wait`) and whose fabric recorded Ready."""
+    import time
+    from dataclasses import dataclass as dc
+    from dataclasses import field as fld
+
+    from imagekit.checks.pipeline import check_provisioned
+    from imagekit.log import Timings
+    from tests.guest_double import CannedGuest, healthy_cloudinit
+
+    @dc
+    class Rep:
+        state: str
+        substatus: str | None
+        description: str | None
+        at: float
+
+    @dc
+    class Fab:
+        t0: float
+
+        def reports(self) -> list[Rep]:
+            return [Rep("NotReady", "Provisioning", "Starting", self.t0 + 10), Rep("Ready", None, None, self.t0 + 12)]
+
+    @dc
+    class VM:
+        timings: Timings
+        t_qemu: float = fld(default_factory=lambda: time.monotonic() - 30)  # booted 30 s ago
+
+        def mark(self, name: str) -> float:
+            t = time.monotonic() - self.t_qemu
+            self.timings.record(name, t)
+            return t
+
+    @dc
+    class PVM:
+        distro: distros.Distro
+        guest: CannedGuest
+        fabric: Fab
+        profile: object
+        timings: Timings
+        console_log: Path
+        vm: VM
+
+    d = distros.get("debian-12-cloudinit")
+    answers = healthy_cloudinit(swap=False)
+    answers["cloud-init status --wait"] = "status: done\n"
+    timings = Timings()
+    timings.record("qemu start", 0.3)
+    timings.record("ready", 12.0)
+    timings.record("ssh ready", 20.0)
+    vm = VM(timings)
+    pvm = PVM(d, CannedGuest(answers), Fab(vm.t_qemu), PROFILE, timings, tmp_path / "console.log", vm)
+    outcome = check_provisioned(pvm, report_dir=tmp_path / "rep")  # type: ignore[arg-type]
+    assert outcome.ok, [(r.check.id, r.result.summary) for r in outcome.runs if not r.result.ok]
+    assert pvm.guest.unanswered == []
+    names = [e[0] for e in outcome.info.events]
+    assert names[:2] == ["ready", "ssh ready"] and names[-2:] == ["resource disk handled", "checks done"]
+    data = json.loads(outcome.reports["json"].read_text())
+    ready = next(c for c in data["checks"] if c["id"] == "provisioning.ready-reported")
+    assert "2. Ready (at 12.0 s)" in ready["evidence"]
+    assert data["facts"]["resource_disk_plan"]["mount_point"] == "/mnt"
