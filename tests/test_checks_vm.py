@@ -81,6 +81,30 @@ def test_debian12_waagent_resource_disk_swap_file_and_provisioning(tmp_path: Pat
         assert "SwapSizeMB=4096 does not fit on the resource disk (2048 MiB)" in big.summary
         assert "ResourceDisk.SwapSizeMB=4096" in big.evidence and "dd unsuccessful" in big.evidence
 
+        # More ways to get an image wrong, made for real in this throwaway VM; each check must catch its own.
+        def broken(setup: str, check_id: str) -> tuple[Status, str, str]:
+            res = pvm.guest.run(setup)
+            assert res.ok, res.evidence()
+            r = catalogue()[check_id].run(CheckContext(guest=pvm.guest, distro=d, profile=pvm.profile))
+            print(check_id, r.summary, sep=": ")
+            return r.status, r.summary, r.evidence
+
+        st, summary, ev = broken("dd if=/dev/zero of=/os-swap bs=1M count=32 status=none && chmod 600 /os-swap "
+                                 "&& mkswap /os-swap >/dev/null && swapon /os-swap", "swap.not-on-os-disk")
+        assert st is Status.FAIL and "active swap /os-swap (file) is on the OS disk /dev/sda" in summary, ev
+        pvm.guest.run("swapoff /os-swap; rm -f /os-swap")
+        st, summary, ev = broken(
+            "useradd -m -p \"$(openssl passwd -6 leftover-pw)\" leftover && mkdir -p /home/leftover/.ssh && "
+            "echo 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEu0leftoverkeyleftoverkeyleftoverkeyleft x@build' "
+            "> /home/leftover/.ssh/authorized_keys", "standard.no-preexisting-users")
+        assert st is Status.FAIL and "user leftover (uid=" in summary and "leftover has a password" in summary
+        assert "leftover has SSH keys" in summary and "leftover-pw" not in ev and "$6$" not in ev
+        st, summary, ev = broken("grep -rlis '^ *ClientAliveInterval' /etc/ssh/sshd_config /etc/ssh/sshd_config.d "
+                                 "| xargs -r sed -i '/^ *[Cc]lient[Aa]live[Ii]nterval/d'",
+                                 "standard.client-alive-interval")
+        assert st is Status.FAIL and "ClientAliveInterval is 0 (0 means unset)" in summary, ev
+        assert "no ClientAliveInterval line" in ev
+
         done = undo_test_setup(pvm.guest, d)
         state = pvm.guest.run(f"ls {SHIM_DIR}; ls /run/systemd/system/walinuxagent.service.d; cat /proc/swaps; "
                               "findmnt -n /mnt/resource; cat /etc/fstab")
