@@ -21,6 +21,7 @@ from imagekit.checks import (
 )
 from imagekit.checks.pipeline import CheckOutcome, check_provisioned
 from imagekit.checks.resource_setup import RESOURCE_DISK, SHIM_DIR
+from imagekit.ovf import ProvisioningProfile
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
@@ -122,10 +123,17 @@ def test_cloudinit_resource_disk_and_swap_partition(tmp_path: Path, distro_id: s
 
     d = distros.get(distro_id)
     plan = plan_for(d, swap_percent=33)
-    with provision(d, custom_data=resource_disk_custom_data(d, swap_percent=33), workdir=tmp_path / "run") as pvm:
+    # With an OVF password and password login enabled: cloud-init's sudo rule stays NOPASSWD (so the
+    # harness can still run as root), and the OVF copy it leaves must have the password redacted.
+    profile = ProvisioningProfile.create(hostname=f"ik-{distro_id.split('-')[1]}ci", username="azureuser",
+                                         password=PASSWORD, disable_password_auth=False,
+                                         custom_data=resource_disk_custom_data(d, swap_percent=33))
+    with provision(d, profile=profile, workdir=tmp_path / "run") as pvm:
         outcome = check_provisioned(pvm, plan=plan, report_dir=tmp_path / "report")
         results = _by_id(outcome)
         _assert_passed(results, MUST_PASS)
+        assert "redacted as 'REDACTED'" in results["provisioning.ovf-redacted"][1]
+        assert "PasswordAuthentication yes, as the OVF asks" in results["provisioning.password-auth"][1]
         assert results["resource-disk.readme"][0] is Status.SKIP
         assert "swap partition" in results["swap.resource-disk"][1]
         assert "device_aliases" in results["resource-disk.mounted"][2]
