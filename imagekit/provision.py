@@ -142,11 +142,11 @@ def provision(
 
     ``profile`` defaults to user ``azureuser`` with a throwaway Ed25519 key and a random hostname;
     a given profile gets the throwaway key added to its keys (the harness needs to log in).
-    ``custom_data`` goes into the default profile. ``workdir`` receives the run directory (console log,
-    QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``. ``keep`` leaves the VM running
-    when the block ends without an error (see :attr:`ProvisionedVM.kept`). ``ovf_transform`` rewrites
-    the rendered ovf-env.xml before it goes on the ISO (fault tests: an OVF the agent must reject; the
-    fabric still serves ``profile``).
+    ``custom_data`` goes into the profile (the default one or the given one). ``workdir`` receives the
+    run directory (console log, QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``.
+    ``keep`` leaves the VM running when the block ends without an error (see
+    :attr:`ProvisionedVM.kept`). ``ovf_transform`` rewrites the rendered ovf-env.xml before it goes on
+    the ISO (fault tests: an OVF the agent must reject; the fabric still serves ``profile``).
     """
     d = distros.get(distro) if isinstance(distro, str) else distro
     suffix = secrets.token_hex(3)
@@ -168,7 +168,9 @@ def provision(
             profile = ProvisioningProfile.create(hostname=hostname, username=DEFAULT_USERNAME,
                                                  ssh_public_keys=[public_key], custom_data=custom_data)
         else:
-            profile = dataclasses.replace(profile, ssh_public_keys=(*profile.ssh_public_keys, public_key))
+            profile = dataclasses.replace(
+                profile, ssh_public_keys=(*profile.ssh_public_keys, public_key),
+                custom_data=profile.custom_data if custom_data is None else custom_data)
         overlay = private / "os.qcow2"
         _make_overlay(Path(base_image), overlay)
         resource = create_resource_disk(private / "resource.raw", resource_disk_mib)
@@ -211,7 +213,7 @@ def provision(
                     policy = HostKeyPolicy(reported=reported)
                 assert vm.ssh_socket is not None
                 guest = SSHGuest(vm.ssh_socket, profile.username, load_private_key(key_path), policy=policy,
-                                 name=vm_name)
+                                 name=vm_name, sudo_password=profile.password)
                 try:
                     guest.connect(ssh_timeout, alive=vm.check)
                 except SSHTimeout as exc:

@@ -154,8 +154,12 @@ class SSHGuest:
         policy: HostKeyPolicy | None = None,
         connect_timeout: float = 15.0,
         name: str = "",
+        sudo_password: str | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
+        # With an OVF password, waagent's sudoers rule asks for it: sudo then reads it from the
+        # channel's stdin, never from the command line (which a guest's process list would show).
+        self._sudo_password = sudo_password
         self.username = username
         self.key = key
         self.policy = policy or HostKeyPolicy()
@@ -259,8 +263,9 @@ class SSHGuest:
         an error. Raises :class:`VMError` only if the guest cannot be reached or the command outlives
         ``timeout``."""
         wrapped = f"sh -c {shlex.quote(command)}"
+        feed_password = sudo and self.username != "root" and self._sudo_password is not None
         if sudo and self.username != "root":
-            wrapped = f"sudo -n {wrapped}"
+            wrapped = f"sudo -S -p '' {wrapped}" if feed_password else f"sudo -n {wrapped}"
         transport = self._require()
         try:
             chan = transport.open_session(timeout=self.connect_timeout)
@@ -269,6 +274,9 @@ class SSHGuest:
         with contextlib.closing(chan):
             chan.settimeout(1.0)
             chan.exec_command(wrapped)
+            if feed_password:
+                assert self._sudo_password is not None
+                chan.sendall(self._sudo_password.encode() + b"\n")
             chan.shutdown_write()
             out, err = bytearray(), bytearray()
             deadline = time.monotonic() + timeout

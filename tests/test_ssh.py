@@ -101,6 +101,7 @@ class _Server(paramiko.ServerInterface):
     def __init__(self, allowed: paramiko.PKey) -> None:
         self.allowed = allowed
         self.commands: list[str] = []
+        self.stdin_lines: list[bytes] = []
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         ok = username == "azureuser" and key.asbytes() == self.allowed.asbytes()
@@ -117,8 +118,18 @@ class _Server(paramiko.ServerInterface):
         self.commands.append(cmd)
 
         def work() -> None:
-            # Stand-in for the guest: run the command locally (without the sudo the client adds).
+            # Stand-in for the guest: run the command locally (without the sudo the client adds);
+            # `sudo -S` reads the password from the first line of stdin, as the real sudo does.
             local = cmd.removeprefix("sudo -n ")
+            if local.startswith("sudo -S -p '' "):
+                local = local.removeprefix("sudo -S -p '' ")
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = channel.recv(1)
+                    if not chunk:
+                        break
+                    line += chunk
+                self.stdin_lines.append(line)
             proc = subprocess.run(["sh", "-c", local], capture_output=True)
             channel.sendall(proc.stdout)
             channel.sendall_stderr(proc.stderr)
@@ -174,6 +185,21 @@ def test_run_returns_results_and_never_raises_on_exit_codes(
     assert iface.commands[1].startswith("sh -c ")
     assert guest.policy.how == "first use"
     assert guest.policy.pinned is not None and guest.policy.pinned.asbytes() == host_key.asbytes()
+
+
+def test_sudo_password_goes_to_stdin_never_the_command_line(
+        server: tuple[Path, _Server, paramiko.PKey], keypair: tuple[Path, str]) -> None:
+    # With an OVF password waagent's sudoers rule asks for it; `sudo -n` would fail every root command.
+    path, iface, _ = server
+    secret = "S3cret pass'word!"
+    with SSHGuest(path, "azureuser", load_private_key(keypair[0]), sudo_password=secret) as guest:
+        guest.connect(timeout=30)
+        assert guest.run("echo root-ish").stdout == "root-ish\n"
+        assert guest.run("echo plain", sudo=False).stdout == "plain\n"
+    assert iface.commands[0].startswith("sudo -S -p '' sh -c ")
+    assert iface.stdin_lines == [secret.encode() + b"\n"]
+    assert all(secret not in c for c in iface.commands)
+    assert iface.commands[1].startswith("sh -c ")
 
 
 def test_wrong_key_times_out_with_attempts(server: tuple[Path, _Server, paramiko.PKey], tmp_path: Path) -> None:
