@@ -25,8 +25,6 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,21 +77,9 @@ class BuildResult:
         return self.image.path
 
 
-@contextmanager
-def _username(role: str) -> Iterator[str]:
-    """A fresh user name for the next VM, e.g. ``ikb3fa9c1`` (build) or ``ikv07d2e4`` (verify).
-
-    provision() makes its own profile (a throwaway key and a random hostname: exactly one key, which matters
-    because waagent 2.7.3 keeps only the last of several keys) with its module's default user name, so the
-    name is swapped for the duration of the call.
-    """
-    from unittest import mock
-
-    from imagekit import provision as provision_module
-
-    name = f"ik{role[0]}{secrets.token_hex(3)}"
-    with mock.patch.object(provision_module, "DEFAULT_USERNAME", name):
-        yield name
+def _username(role: str) -> str:
+    """A fresh user name for the next VM, e.g. ``ikb3fa9c1`` (build) or ``ikv07d2e4`` (verify)."""
+    return f"ik{role[0]}{secrets.token_hex(3)}"
 
 
 def _toolkit_version() -> dict[str, str]:
@@ -204,8 +190,8 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
         base = ensure_base(d)
     with gallery.staging() as staging:
         vm_timings: dict[str, Any] = {}
-        with _username("build"), step("build VM (provision … capture)", timings), \
-                provision(d, custom_data=custom, base_image=base.path, workdir=workdir,
+        with step("build VM (provision … capture)", timings), \
+                provision(d, custom_data=custom, base_image=base.path, workdir=workdir, username=_username("build"),
                           memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-build") as pvm:
             who = pvm.profile
             with step("build VM: checks", timings):
@@ -239,7 +225,7 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
                 artifacts = capture(Path(overlay), staging.path, timings, vhd_ready=scan)
             vm_timings["build_vm"] = pvm.timings.as_dict()
             build_user = {"username": who.username, "hostname": who.hostname, "vm_uuid": str(pvm.vm.vm_uuid)}
-        with _username("verify"), step("verify boot (new VM)", timings), \
+        with step("verify boot (new VM)", timings), \
                 tempfile.TemporaryDirectory(prefix="ik-verify-") as vtmp:
             # Boot the artifact that goes to Azure: the fixed VHD itself, under a qcow2 layer (provision()
             # puts its overlay on a qcow2 base). The qcow2 artifact was compared equal to the same source.
@@ -248,7 +234,8 @@ def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
                  vhd_base])
             try:
                 with provision(d, custom_data=custom, base_image=vhd_base, workdir=workdir,
-                               memory_mib=opts.memory_mib, cpus=opts.cpus, name=f"{d.id}-verify",
+                               username=_username("verify"), memory_mib=opts.memory_mib, cpus=opts.cpus,
+                               name=f"{d.id}-verify",
                                ready_timeout=VERIFY_READY_TIMEOUT, ssh_timeout=VERIFY_SSH_TIMEOUT) as pvm2:
                     with step("verify VM: checks", timings):
                         verify_outcome = _run_checks(pvm2, d, plan, report_dir / "verify", "verify VM")

@@ -120,6 +120,21 @@ def _wait_ready(vm: VM, fabric: Fabric, timeout: float) -> ReportedState:
                                         hint=f"full console log: {vm.console_log}") from exc
 
 
+def _check_waagent_provisioned(vm: VM, fabric: Fabric) -> None:
+    """waagent reports NotReady (Provisioning) before it creates the user, on every real provisioning. An
+    image that still holds an earlier VM's provisioned marker (not deprovisioned) makes it skip straight
+    to Ready with a new VM id and never create the new user: on Azure that is a provisioning timeout. Say
+    so now instead of waiting for an SSH login that cannot work."""
+    if any(r.state == "NotReady" and r.substatus == "Provisioning" for r in fabric.reports()):
+        return
+    raise ProvisioningError(
+        f"VM {vm.name}: waagent reported Ready without provisioning (no 'NotReady (Provisioning)' report "
+        "before Ready): the image still holds a provisioned marker (/var/lib/waagent/provisioned) from an "
+        "earlier VM, so the new user and keys were never applied",
+        console_tail=vm.console_tail(),
+        hint="generalize the image with 'waagent -force -deprovision+user' before capturing it")
+
+
 @contextlib.contextmanager
 def provision(
     distro: str | Distro,
@@ -136,11 +151,12 @@ def provision(
     ssh_timeout: float = SSH_TIMEOUT,
     accel: qemu.Accel | None = None,
     name: str | None = None,
+    username: str = DEFAULT_USERNAME,
     ovf_transform: Callable[[str], str] | None = None,
 ) -> Iterator[ProvisionedVM]:
     """Boot ``distro``'s base image as a fresh VM, let its agent provision it, log in; tear down after.
 
-    ``profile`` defaults to user ``azureuser`` with a throwaway Ed25519 key and a random hostname;
+    ``profile`` defaults to user ``username`` (``azureuser``) with a throwaway Ed25519 key and a random hostname;
     a given profile gets the throwaway key added to its keys (the harness needs to log in).
     ``custom_data`` goes into the profile (the default one or the given one). ``workdir`` receives the
     run directory (console log, QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``.
@@ -165,7 +181,7 @@ def provision(
         key_path, public_key = generate_keypair(private)
         hostname = profile.hostname if profile else f"ik-{suffix}"
         if profile is None:
-            profile = ProvisioningProfile.create(hostname=hostname, username=DEFAULT_USERNAME,
+            profile = ProvisioningProfile.create(hostname=hostname, username=username,
                                                  ssh_public_keys=[public_key], custom_data=custom_data)
         else:
             profile = dataclasses.replace(
@@ -198,6 +214,8 @@ def provision(
                     private_dir=private, keep=keep, timings=timings) as vm:
                 vlog = vm.log  # type: ignore[assignment]
                 ready = _wait_ready(vm, fabric, ready_timeout)
+                if d.agent is Agent.WAAGENT:
+                    _check_waagent_provisioned(vm, fabric)
                 vm.mark("ready")
                 policy = HostKeyPolicy()
                 if d.agent is Agent.CLOUD_INIT:

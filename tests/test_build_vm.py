@@ -71,12 +71,13 @@ def test_skipped_deprovision_is_caught_by_the_offline_scan(tmp_path: Path) -> No
 
 def test_skipped_deprovision_is_caught_by_the_verify_boot(tmp_path: Path) -> None:
     """With the scan bypassed too, the new VM must fail to provision: waagent finds its old provisioned
-    marker, only notes the new VM id, and never creates the new user — so the login never works."""
+    marker, only notes the new VM id, reports Ready without provisioning and never creates the new user."""
     with pytest.raises(BuildError, match="did not provision again") as exc:
         build("debian-12", _opts(tmp_path, skip_deprovision=True, skip_scan=True))
     text = str(exc.value)
-    # provision() only tries SSH after the agent reported Ready: so waagent said Ready, yet the new user
-    # cannot log in — it was never created (the old marker short-circuits provisioning)
-    assert "SSH login to debian-12-verify as ikv" in text, text
+    # waagent said Ready without its 'NotReady (Provisioning)' report: the old marker short-circuited
+    # provisioning, so the new user was never created — caught without waiting for SSH to time out
+    assert "debian-12-verify: waagent reported Ready without provisioning" in text, text
+    assert "/var/lib/waagent/provisioned" in text, text
     assert "AuthenticationException" in text, text
     assert Gallery(tmp_path / "images").versions() == []
