@@ -171,7 +171,7 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
 
 @task(
     help={
-        "distro": "the distro id to provision and check (see: invoke distros)",
+        "distro": "the distro id to provision and check (default debian-12; see: invoke distros)",
         "report_dir": "where junit.xml, report.json and report.html go (default: reports/<distro>-<time>/)",
         "swap_percent": "cloud-init images: give the resource disk a swap partition of this share (0: none)",
         "only": "comma-separated check ids or categories to run (default: all)",
@@ -182,7 +182,7 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
 @_cli
 def check(
     c: Context,
-    distro: str = "",
+    distro: str = "debian-12",
     report_dir: str = "",
     swap_percent: int = 0,
     only: str = "",
@@ -215,11 +215,13 @@ def check(
         bad = [r.check.id for r in outcome.runs if not r.result.ok]
         raise CheckFailed(f"{len(bad)} check(s) did not pass: {', '.join(bad)}",
                           hint=f"evidence in {outcome.reports['html']}")
+
+
 # --- build, capture, gallery -----------------------------------------------------------------------
 
 @task(
     help={
-        "distro": "the distro id to build (see: invoke distros)",
+        "distro": "the distro id to build (default debian-12; see: invoke distros)",
         "version": "the image version, Major.Minor.Patch (default: <distro major>.<minor>.<YYYYMMDD><NN>)",
         "report_dir": "where the build and verify check reports go (default: reports/build-<distro>-<time>/)",
         "skip_deprovision": "TEST OPTION: capture without deprovisioning (the scan and the verify boot must "
@@ -231,7 +233,7 @@ def check(
 @_cli
 def build(
     c: Context,
-    distro: str = "",
+    distro: str = "debian-12",
     version: str = "",
     report_dir: str = "",
     skip_deprovision: bool = False,
