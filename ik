@@ -14,8 +14,11 @@ HOST_PACKAGES=(
   qemu-system-x86 qemu-utils ovmf       # the VM runner and image conversion
   mmdebstrap debian-archive-keyring     # building Debian root filesystems
   e2fsprogs fdisk dosfstools ntfs-3g    # disk images, the NTFS resource disk
-  udftools util-linux iproute2 socat    # blkid/losetup/unshare, namespaces, the IMDS relay
-  zstd ca-certificates
+  udftools util-linux mount iproute2    # blkid/losetup/unshare/mount, network namespaces
+  socat                                 # the ssh ProxyCommand printed for --keep
+  zstd xz-utils bzip2 ca-certificates   # vendor image decompression, downloads
+  systemd openssh-client procps         # offline unit enabling, key fingerprints, process checks
+  binutils                              # assembles the KVM probe's tiny guest in the tests
 )
 
 missing_host_packages() {
