@@ -18,7 +18,7 @@ HOST_PACKAGES=(
   socat                                 # the ssh ProxyCommand printed for --keep
   zstd xz-utils bzip2 ca-certificates   # vendor image decompression, downloads
   systemd openssh-client procps         # offline unit enabling, key fingerprints, process checks
-  binutils                              # assembles the KVM probe's tiny guest in the tests
+  binutils                              # the tests rebuild the KVM probe's payload from its source
 )
 
 missing_host_packages() {
