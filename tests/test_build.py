@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from imagekit import build, distros
 from imagekit import provision as provision_module
+from imagekit.ovf import validate_username
 
 
 def test_source_for_bootstrap_records_archive_state_and_packages(tmp_path: Path) -> None:
@@ -28,12 +29,12 @@ def test_source_for_download_records_url_and_checksum(tmp_path: Path) -> None:
 
 
 def test_each_vm_gets_a_fresh_user_name() -> None:
-    before = provision_module.DEFAULT_USERNAME
-    with build._username("build") as a:
-        assert a == provision_module.DEFAULT_USERNAME and a.startswith("ikb")
-    with build._username("verify") as b:
-        assert b.startswith("ikv") and b != a
-    assert before == provision_module.DEFAULT_USERNAME
+    a, b = build._username("build"), build._username("verify")
+    assert a.startswith("ikb") and b.startswith("ikv") and a[3:] != b[3:]
+    # a valid Azure user name, and never provision()'s default
+    validate_username(a)  # raises InputError on a name Azure would refuse
+    validate_username(b)
+    assert provision_module.DEFAULT_USERNAME not in (a, b)
 
 
 def test_toolkit_version_names_the_commit() -> None:
