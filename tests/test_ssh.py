@@ -250,7 +250,7 @@ def test_stalled_handshake_is_retried_not_waited_out(tmp_path: Path, keypair: tu
         guest = SSHGuest(path, "azureuser", load_private_key(keypair[0]), connect_timeout=1)
         # which timer fires first (the banner read or the key exchange) depends on the machine's load;
         # either way the stalled connection must be dropped and retried, not waited out
-        with pytest.raises(SSHTimeout, match="key exchange did not finish|protocol banner"):
+        with pytest.raises(SSHTimeout, match=r"key exchange did not finish|protocol banner"):
             guest.connect(timeout=4)
         assert guest.attempts >= 2
     finally:
