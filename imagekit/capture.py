@@ -379,20 +379,3 @@ def verify_artifacts(directory: Path, artifacts: list[dict[str, Any]]) -> None:
             problems.append(f"{a['name']}: sha256 {digest}, manifest says {a['sha256']}")
     if problems:
         raise BuildError(f"{directory}: artifacts do not match the manifest: " + "; ".join(problems))
-
-
-def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -33,8 +33,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from imagekit.capture import MANIFEST_NAME, write_json_atomic
+from imagekit.capture import MANIFEST_NAME
 from imagekit.errors import BuildError, InputError
+from imagekit.fsutil import fsync_dir, write_json_atomic
 from imagekit.paths import IMAGES_DIR
 from imagekit.versions import Version, default_version
 
@@ -93,14 +94,6 @@ class ImageVersion:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_distro(distro: str) -> None:
@@ -273,7 +266,7 @@ class Gallery:
         state["format"] = INDEX_FORMAT
         state["updated_at"] = _now()
         write_json_atomic(self.root / INDEX_NAME, state)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Staging]:
@@ -321,7 +314,7 @@ class Gallery:
             for f in staging.path.rglob("*"):
                 if f.is_file() and not f.is_symlink():
                     f.chmod(0o444)  # immutable by intent: nothing rewrites a registered artifact in place
-            _fsync_dir(staging.path)
+            fsync_dir(staging.path)
             target_dir = self.root / distro
             target_dir.mkdir(exist_ok=True)
             target = target_dir / str(version)
@@ -329,8 +322,8 @@ class Gallery:
                 raise InputError(f"{target} already exists; image versions are immutable")
             os.rename(staging.path, target)
             staging.published = True
-            _fsync_dir(target_dir)
-            _fsync_dir(self.root)
+            fsync_dir(target_dir)
+            fsync_dir(self.root)
             entries[str(version)] = {"registered_at": registered_at, "exclude_from_latest": False,
                                      "end_of_life": None, "removed_at": None}
             self._write_index(state)
@@ -357,7 +350,7 @@ class Gallery:
             state = self._state()
             trash = self.root / f"{_TRASH_PREFIX}{distro}-{iv.version}-{secrets.token_hex(4)}"
             os.rename(iv.path, trash)
-            _fsync_dir(iv.path.parent)
+            fsync_dir(iv.path.parent)
             state["distros"][distro][str(iv.version)]["removed_at"] = _now()
             self._write_index(state)
             shutil.rmtree(trash, ignore_errors=True)

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from imagekit import fsutil
+from imagekit.fsutil import fsync_dir
 from imagekit.paths import cache_dir
 
 log = logging.getLogger("imagekit.base")
@@ -84,14 +86,6 @@ def build_dir(distro_dir: Path) -> Iterator[Path]:
             time.sleep(0.5 * (attempt + 1))
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(out: Path, dest: Path) -> None:
     """Move a finished ``out`` directory to ``dest`` in one rename."""
     for f in out.iterdir():
@@ -108,11 +102,8 @@ def publish(out: Path, dest: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """meta.json, keys sorted so that entries compare and diff cleanly."""
+    fsutil.write_json_atomic(path, data, sort_keys=True)
 
 
 def read_meta(entry: Path) -> dict[str, Any] | None:

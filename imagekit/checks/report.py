@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imagekit.checks.base import CheckRun, Status, counts, overall_ok
+from imagekit.fsutil import write_text_atomic
 
 SCHEMA = "imagekit.checks/1"
 # XML 1.0 forbids most control characters; console output and logs can carry them.
@@ -73,19 +72,6 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 def _clean(text: str, secrets: Iterable[str]) -> str:
     return _XML_BAD.sub("�", _scrub(text, secrets))
-
-
-def _atomic_write(path: Path, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        # Reports are meant to be read (CI artifacts); secrets are scrubbed before this point.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- JUnit ------------------------------------------------------------------------------------------
@@ -282,7 +268,8 @@ def write_reports(runs: Sequence[CheckRun], report_dir: Path, info: RunInfo,
         "json": report_dir / "report.json",
         "html": report_dir / "report.html",
     }
-    _atomic_write(out["junit"], junit_xml(runs, info, secrets))
-    _atomic_write(out["json"], json.dumps(report_dict(runs, info, secrets), indent=2) + "\n")
-    _atomic_write(out["html"], report_html(runs, info, secrets))
+    # Reports are meant to be read (CI artifacts); secrets are scrubbed before this point.
+    write_text_atomic(out["junit"], junit_xml(runs, info, secrets))
+    write_text_atomic(out["json"], json.dumps(report_dict(runs, info, secrets), indent=2) + "\n")
+    write_text_atomic(out["html"], report_html(runs, info, secrets))
     return out
