@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,14 @@ def cloudinit_lib(oracle_suite: str) -> Path:
     from tests.oracles import activate
 
     return activate(oracle_suite)
+
+
+@pytest.fixture(scope="module")
+def host_listener() -> Iterator[int]:
+    """A TCP listener on all of the host's addresses: a service the guest must NOT be able to reach."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 0))
+    srv.listen()
+    yield srv.getsockname()[1]
+    srv.close()

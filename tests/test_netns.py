@@ -21,8 +21,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from imagekit import netns
 from imagekit.fabric import dns_names
 
@@ -83,16 +81,6 @@ def _host_ip() -> str:
         return str(s.getsockname()[0])
     finally:
         s.close()
-
-
-@pytest.fixture
-def host_listener() -> Iterator[int]:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", 0))
-    srv.listen()
-    yield srv.getsockname()[1]
-    srv.close()
 
 
 def _events(proc: subprocess.Popen[bytes]) -> Iterator[dict[str, object]]:

@@ -91,16 +91,6 @@ def pvm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     assert _leftovers(p.vm.name) == []
 
 
-@pytest.fixture(scope="module")
-def host_listener() -> Iterator[int]:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", 0))
-    srv.listen()
-    yield srv.getsockname()[1]
-    srv.close()
-
-
 def test_ready_and_ssh(pvm: ProvisionedVM) -> None:
     assert pvm.ready_report is not None and pvm.ready_report.state == "Ready"
     t = pvm.timings.as_dict()
