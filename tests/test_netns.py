@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from imagekit import netns
 from imagekit.fabric import dns_names
@@ -42,10 +43,14 @@ GUEST_SIDE = textwrap.dedent(r"""
             return "error: " + type(e).__name__
     res = {"wire": ask("127.0.0.1", 80), "hostga": ask("127.0.0.1", 32526), "imds": ask("169.254.169.254", 80),
            "host": ask(host_ip, host_port), "internet": ask("1.1.1.1", 80)}
+    own_name = sys.argv[5]
+    if len(sys.argv) > 6:  # another VM's guest-side listener, at the port it uses inside its own namespace
+        res["peer"] = ask("127.0.0.1", int(sys.argv[6]))
     def resolve(name):
         r = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", timeout=5)
         return [dns.rcode.to_text(r.rcode()), [str(rr) for rrset in r.answer for rr in rrset]]
-    res["dns_own"] = resolve("vm1")
+    res["dns_own"] = resolve(own_name)
+    res["dns_peer"] = resolve("vmb" if own_name == "vma" else "vma")
     res["dns_other"] = resolve("example.com")
     res["resolv_conf"] = open("/etc/resolv.conf").read()
     res["links"] = sorted(name for _, name in socket.if_nameindex())
@@ -89,39 +94,71 @@ def _events(proc: subprocess.Popen[bytes]) -> Iterator[dict[str, object]]:
         yield json.loads(line)
 
 
+class _Namespace:
+    """One namespace child with a stand-in guest, and its own tagged emulator sockets."""
+
+    def __init__(self, d: Path, name: str, ssh_port: int, host_listener: int, peer_port: int | None = None) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        self.dir, self.name = d, name
+        self.servers = [_serve(d / f"{n}.sock", f"{name}-{n}") for n in ("wire", "hostga", "imds")]
+        self.results = d / "results.json"
+        resolv = d / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\n")
+        argv = [sys.executable, "-c", GUEST_SIDE, str(self.results), str(ssh_port), _host_ip(), str(host_listener)]
+        argv.append(name)
+        if peer_port is not None:
+            argv.append(str(peer_port))
+        config = netns.NamespaceConfig(
+            qemu_argv=argv,
+            parent_pid=os.getpid(),
+            qemu_stderr=str(d / "payload.log"),
+            relays=[netns.Relay("127.0.0.1", 80, str(d / "wire.sock")),
+                    netns.Relay("127.0.0.1", 32526, str(d / "hostga.sock")),
+                    netns.Relay("169.254.169.254", 80, str(d / "imds.sock"))],
+            ssh_socket=str(d / "ssh.sock"), ssh_port=ssh_port,
+            dns_names=dns_names(name, "168.63.129.100"), resolv_conf=str(resolv),
+        )
+        cfg = d / "netns.json"
+        cfg.write_text(config.to_json())
+        with open(d / "child.log", "wb") as child_log:
+            self.proc = subprocess.Popen(netns.child_argv(cfg), stdout=subprocess.PIPE, stderr=child_log,
+                                         start_new_session=True, preexec_fn=netns.set_pdeathsig)
+        self.events = _events(self.proc)
+
+    def wait_results(self) -> dict[str, Any]:
+        started = next(self.events)
+        assert started["event"] == "started", (started, (self.dir / "child.log").read_text())
+        deadline = time.monotonic() + 60
+        while not self.results.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, (self.dir / "payload.log").read_text()
+            time.sleep(0.1)
+        res: dict[str, Any] = json.loads(self.results.read_text())
+        return res
+
+    def ssh_side(self) -> bytes:
+        """The harness's way in: the Unix socket, relayed to the "hostfwd" port inside."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.dir / "ssh.sock"))
+            return s.recv(100)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for srv in self.servers:
+            srv.shutdown()
+            srv.server_close()
+
+
 def test_relays_dns_and_isolation(tmp_path: Path, host_listener: int) -> None:
     host_resolv = Path("/etc/resolv.conf").read_text()
-    servers = [_serve(tmp_path / f"{n}.sock", n) for n in ("wire", "hostga", "imds")]
-    results = tmp_path / "results.json"
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.1\n")
-    config = netns.NamespaceConfig(
-        qemu_argv=[sys.executable, "-c", GUEST_SIDE, str(results), "2222", _host_ip(), str(host_listener)],
-        parent_pid=os.getpid(),
-        qemu_stderr=str(tmp_path / "payload.log"),
-        relays=[netns.Relay("127.0.0.1", 80, str(tmp_path / "wire.sock")),
-                netns.Relay("127.0.0.1", 32526, str(tmp_path / "hostga.sock")),
-                netns.Relay("169.254.169.254", 80, str(tmp_path / "imds.sock"))],
-        ssh_socket=str(tmp_path / "ssh.sock"), ssh_port=2222,
-        dns_names=dns_names("vm1", "168.63.129.100"), resolv_conf=str(resolv),
-    )
-    cfg = tmp_path / "netns.json"
-    cfg.write_text(config.to_json())
-    with open(tmp_path / "child.log", "wb") as child_log:
-        proc = subprocess.Popen(netns.child_argv(cfg), stdout=subprocess.PIPE, stderr=child_log,
-                                start_new_session=True, preexec_fn=netns.set_pdeathsig)
+    ns = _Namespace(tmp_path, "vm1", 2222, host_listener)
     try:
-        events = _events(proc)
-        started = next(events)
-        assert started["event"] == "started", (started, (tmp_path / "child.log").read_text())
-        deadline = time.monotonic() + 60
-        while not results.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "payload.log").read_text()
-            time.sleep(0.1)
-        res = json.loads(results.read_text())
-        assert res["wire"] == "wire got hello"
-        assert res["hostga"] == "hostga got hello"
-        assert res["imds"] == "imds got hello"
+        res = ns.wait_results()
+        assert res["wire"] == "vm1-wire got hello"
+        assert res["hostga"] == "vm1-hostga got hello"
+        assert res["imds"] == "vm1-imds got hello"
         assert res["host"].startswith("error"), "the host's services must be out of reach"
         assert res["internet"].startswith("error")
         assert res["dns_own"] == ["NOERROR", ["168.63.129.100"]]
@@ -129,23 +166,39 @@ def test_relays_dns_and_isolation(tmp_path: Path, host_listener: int) -> None:
         assert res["resolv_conf"] == "nameserver 127.0.0.1\n"
         assert res["links"] == ["lo"]
         assert res["netns"] != os.readlink("/proc/self/ns/net")
-        # The harness's way in: the Unix socket, relayed to the "hostfwd" port inside.
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(str(tmp_path / "ssh.sock"))
-            assert s.recv(100) == b"guest sshd side"
-        exited = next(events)
+        assert ns.ssh_side() == b"guest sshd side"
+        exited = next(ns.events)
         assert exited == {"event": "exited", "returncode": 0}
-        assert proc.wait(10) == 0
+        assert ns.proc.wait(10) == 0
         # The bind mount was private to the namespace.
         assert Path("/etc/resolv.conf").read_text() == host_resolv
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for srv in servers:
-            srv.shutdown()
-            srv.server_close()
+        ns.close()
+
+
+def test_two_vms_at_once_each_reach_only_their_own_emulator(tmp_path: Path, host_listener: int) -> None:
+    """Two namespaces side by side, as two builds in parallel: each guest side's relays end at its own
+    emulator, neither can reach the other's listener, and each harness gets into its own guest only."""
+    a = _Namespace(tmp_path / "a", "vma", 2222, host_listener, peer_port=2223)
+    b = _Namespace(tmp_path / "b", "vmb", 2223, host_listener, peer_port=2222)
+    try:
+        ra, rb = a.wait_results(), b.wait_results()
+        for name, res in (("vma", ra), ("vmb", rb)):
+            assert res["wire"] == f"{name}-wire got hello"
+            assert res["hostga"] == f"{name}-hostga got hello"
+            assert res["imds"] == f"{name}-imds got hello"
+            assert res["dns_own"] == ["NOERROR", ["168.63.129.100"]]
+            assert res["host"].startswith("error")
+            # The other guest listens at this port in its own namespace; from here there is nothing there.
+            assert res["peer"].startswith("error"), res["peer"]
+            assert res["dns_peer"][0] == "NXDOMAIN", "one VM's DNS must not know the other VM's name"
+        assert rb["dns_other"][0] == "NXDOMAIN"
+        assert ra["netns"] != rb["netns"]
+        assert a.ssh_side() == b"guest sshd side" and b.ssh_side() == b"guest sshd side"
+        assert a.proc.wait(10) == 0 and b.proc.wait(10) == 0
+    finally:
+        a.close()
+        b.close()
 
 
 def _alive(pid: int) -> bool:

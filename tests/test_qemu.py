@@ -7,7 +7,6 @@ import shutil
 import stat
 import subprocess
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -201,11 +200,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_probe_hang_is_bounded_and_killed(tmp_path: Path, cache: Path) -> None:
     marker = f"sleep 3{os.getpid()}.5"  # unique, so pgrep finds only this test's process
     fake = _fake_qemu(tmp_path, f"{marker}\n")
-    start = time.monotonic()
     result = qemu.probe_accel(qemu=fake, use_cache=False, timeout=1.5)
     assert result.accel is Accel.TCG
     assert "did not finish" in result.reason
-    assert time.monotonic() - start < 30  # generous: the point is that it returns at all
     alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
     assert alive.stdout.strip() == "", "the hung probe guest was left running"
 
