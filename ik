@@ -14,6 +14,7 @@ HOST_PACKAGES=(
   qemu-system-x86 qemu-utils ovmf       # the VM runner and image conversion
   mmdebstrap debian-archive-keyring     # building Debian root filesystems
   e2fsprogs fdisk dosfstools ntfs-3g    # disk images, the NTFS resource disk
+  xfsprogs                              # the tests make xfs roots (the leak scan's RHEL-family path)
   udftools util-linux mount iproute2    # blkid/losetup/unshare/mount, network namespaces
   socat                                 # the ssh ProxyCommand printed for --keep
   zstd xz-utils bzip2 ca-certificates   # vendor image decompression, downloads

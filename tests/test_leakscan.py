@@ -1,4 +1,4 @@
-"""The offline leak scan on real ext4 disk images built with ``mkfs.ext4 -d``, one planted leak at a time.
+"""The offline leak scan on real disk images (ext4 built with ``mkfs.ext4 -d``; GPT + xfs), one planted leak at a time.
 
 Each image is a partitioned disk (MBR, root partition at 1 MiB as the base images have), scanned through
 the real path: partition table, blkid, a read-only loop mount in a private mount namespace.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from imagekit import capture
-from imagekit.deprovision import LeakFound, check_image, scan_image
+from imagekit.deprovision import LeakFound, check_image, find_partitions, scan_image
 from imagekit.leakscan import ScanInput, scan_tree
 from imagekit.run import which
 
@@ -206,3 +206,70 @@ def test_scan_tree_without_mounting(clean: Path) -> None:
         plant(clean)
     kinds = {f.kind for f in scan_tree(clean, INP)}
     assert kinds >= {k for _, k, _ in LEAKS.values()}
+
+
+# --- GPT and xfs, as in the RHEL-family vendor images (AlmaLinux, Rocky, RHEL, Oracle Linux) ---------------
+
+needs_xfs = pytest.mark.skipif(which("mkfs.xfs") is None or which("mkfs.vfat") is None,
+                               reason="needs mkfs.xfs (xfsprogs) and mkfs.vfat (dosfstools)")
+MIB = 1 << 20
+XFS_MIB = 320  # mkfs.xfs refuses file systems under 300 MB
+
+
+def _xfs_with(tmp: Path, tree: Path) -> Path:
+    """An xfs file system holding ``tree``: made with mkfs.xfs, filled through a loop mount in a private
+    mount namespace (the kernel drops the mount with the namespace even if the copy fails)."""
+    part = tmp / "root.xfs"
+    with part.open("wb") as fh:
+        fh.truncate(XFS_MIB * MIB)
+    subprocess.run(["mkfs.xfs", "-q", "-f", str(part)], check=True, capture_output=True)
+    mnt = tmp / "fill"
+    mnt.mkdir()
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec",
+                    'mount -t xfs -o loop "$1" "$2"; cp -a "$3"/. "$2"/; umount "$2"', "fill",
+                    str(part), str(mnt), str(tree)], check=True, capture_output=True)
+    mnt.rmdir()
+    return part
+
+
+def make_gpt_xfs_disk(tmp: Path, tree: Path) -> Path:
+    """GPT like a RHEL-family cloud image: BIOS boot, an EFI system partition (vfat), then xfs root."""
+    esp = tmp / "esp.vfat"
+    with esp.open("wb") as fh:
+        fh.truncate(64 * MIB)
+    subprocess.run(["mkfs.vfat", str(esp)], check=True, capture_output=True)
+    root = _xfs_with(tmp, tree)
+    disk = tmp / "gpt.raw"
+    with disk.open("wb") as fh:
+        fh.truncate((2 + 64 + XFS_MIB + 2) * MIB)
+    layout = (
+        "label: gpt\n"
+        "start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649\n"  # BIOS boot
+        "start=4096, size=131072, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n"  # EFI system
+        f"start=135168, size={XFS_MIB * 2048}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"  # Linux filesystem
+    )
+    subprocess.run(["sfdisk", "-q", str(disk)], input=layout.encode(), check=True)
+    for part, start_sector in ((esp, 4096), (root, 135168)):
+        subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={start_sector // 2048}",
+                        "conv=notrunc,sparse", "status=none"], check=True)
+        part.unlink()
+    return disk
+
+
+@needs_xfs
+def test_gpt_xfs_image_clean_and_leaking(tmp_path: Path, clean: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    disk = make_gpt_xfs_disk(tmp_path / "a", clean)
+    parts = find_partitions(disk, disk.stat().st_size)
+    # Only the Linux file system is scanned: not the BIOS boot gap, not the EFI system partition.
+    assert [(p.offset, p.fstype) for p in parts] == [(135168 * 512, "xfs")]
+    assert scan_image(disk, "raw", INP) == []
+    LEAKS["home directory"][0](clean)
+    LEAKS["waagent provisioned marker"][0](clean)
+    leaking = make_gpt_xfs_disk(tmp_path / "b", clean)
+    before = leaking.read_bytes()
+    found = [(f.kind, f.path) for f in scan_image(leaking, "raw", INP)]
+    assert found == [("home", f"/home/{USER}"), ("waagent-state", "/var/lib/waagent/provisioned")], found
+    assert leaking.read_bytes() == before  # read-only: not even the xfs log was replayed or written
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
