@@ -12,7 +12,8 @@ instance state gone, host keys gone, machine-id empty, histories gone ...) is te
 On the host (:func:`scan_image`): the captured disk is read without booting it. Each Linux partition is
 mounted read-only (``ro,noload`` for ext4, so not even the journal is replayed) through a loop device with
 the partition's offset, inside a private mount namespace created for the scan: if the scan dies, the
-kernel drops the mount and the auto-clearing loop device with the namespace. The rules live in
+kernel drops the mount and the auto-clearing loop device with the namespace. The partitions are put
+together as the image's own /etc/fstab says, so a separate /home or /var is scanned where it belongs. The rules live in
 :mod:`imagekit.leakscan`; a finding fails the build and names the file.
 """
 
@@ -332,28 +333,70 @@ class Partition:
     offset: int
     size: int
     fstype: str
+    uuid: str = ""  # the file system's
+    label: str = ""
+    partuuid: str = ""  # the partition table's (GPT partition GUID, or MBR disk id + number)
 
 
 def find_partitions(image: Path, raw_size: int) -> list[Partition]:
     """Linux filesystems in a raw disk image (``raw_size``: its length without a VHD footer)."""
     require("sfdisk", "blkid")
     res = run(["sfdisk", "--json", image], check=False)
-    parts: list[tuple[int, int]] = []
+    parts: list[tuple[int, int, str]] = []
     if res.returncode == 0 and res.stdout.strip():
         table = json.loads(res.stdout)["partitiontable"]
         sector = int(table.get("sectorsize", 512))
-        for p in table.get("partitions", []):
+        disk_id = str(table.get("id", "")).lower().removeprefix("0x")
+        for n, p in enumerate(table.get("partitions", []), 1):
             if str(p.get("type", "")).upper() in _LINUX_TYPES:
-                parts.append((int(p["start"]) * sector, int(p["size"]) * sector))
+                partuuid = str(p.get("uuid", "")).lower() or (f"{disk_id}-{n:02x}" if disk_id else "")
+                parts.append((int(p["start"]) * sector, int(p["size"]) * sector, partuuid))
     else:
-        parts.append((0, raw_size))  # a bare filesystem, no partition table
+        parts.append((0, raw_size, ""))  # a bare filesystem, no partition table
     out = []
-    for offset, size in parts:
+    for offset, size, partuuid in parts:
         info = run(["blkid", "-p", "-O", str(offset), "-o", "export", image], check=False).stdout
         fields = dict(line.split("=", 1) for line in info.splitlines() if "=" in line)
         if fields.get("TYPE"):
-            out.append(Partition(offset, size, fields["TYPE"]))
+            out.append(Partition(offset, size, fields["TYPE"], fields.get("UUID", "").lower(),
+                                 fields.get("LABEL", ""), partuuid))
     return out
+
+
+def fstab_mounts(fstab: str) -> list[tuple[str, str]]:
+    """(source, mount point) of the file systems an image's /etc/fstab mounts below ``/``, shallowest
+    first (so /var is in place before /var/log); swap, pseudo file systems and ``/`` itself left out."""
+    out = []
+    for line in fstab.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 3 or not fields[1].startswith("/") or fields[1] == "/":
+            continue
+        if fields[2] in ("swap", "none", "proc", "sysfs", "tmpfs", "devpts", "bind") or "bind" in fields[3:4]:
+            continue
+        mountpoint = os.path.normpath(fields[1].replace("\\040", " "))
+        out.append((fields[0], mountpoint))
+    return sorted(out, key=lambda sm: sm[1].count("/"))
+
+
+def _matches(source: str, p: Partition) -> bool:
+    """Whether an fstab source names this partition (UUID=, LABEL=, PARTUUID= or their /dev/disk/by-* links)."""
+    kind, _, value = source.partition("=")
+    if not value:
+        for prefix, k in (("/dev/disk/by-uuid/", "UUID"), ("/dev/disk/by-label/", "LABEL"),
+                          ("/dev/disk/by-partuuid/", "PARTUUID")):
+            if source.startswith(prefix):
+                kind, value = k, source[len(prefix):]
+                break
+        else:
+            return False
+    value = value.strip('"')
+    if kind == "UUID":
+        return bool(p.uuid) and value.lower() == p.uuid
+    if kind == "LABEL":
+        return bool(p.label) and value == p.label
+    if kind == "PARTUUID":
+        return bool(p.partuuid) and value.lower() == p.partuuid
+    return False
 
 
 def _mount_options(fstype: str) -> str:
@@ -400,27 +443,54 @@ def check_image(image: Path, fmt: str, inp: ScanInput, timings: Timings | None =
 
 
 def _scan_worker() -> int:
-    """Runs inside ``unshare --mount``: mount each partition read-only, scan, unmount."""
+    """Runs inside ``unshare --mount``: mount each partition read-only, put them together as the image's own
+    /etc/fstab does (a separate /home or /var/log is scanned where it belongs), scan, unmount."""
     from imagekit.leakscan import scan_tree
 
     job = json.loads(sys.stdin.read())
     inp = ScanInput(usernames=job["usernames"], hostnames=job["hostnames"], password=job["password"])
     mnt = Path(job["mountpoint"])
-    mnt.mkdir(parents=True, exist_ok=True)
+    partitions = [Partition(**p) for p in job["partitions"]]
     findings: list[Finding] = []
-    for p in job["partitions"]:
-        opts = f"{_mount_options(p['fstype'])},loop,offset={p['offset']},sizelimit={p['size']}"
-        run(["mount", "-t", p["fstype"], "-o", opts, job["image"], mnt])
-        try:
-            if p["fstype"].startswith("ext"):
-                dev = run(["findmnt", "-n", "-o", "SOURCE", mnt]).stdout.strip()
+    mounted: list[Path] = []  # in mount order; unmounted in reverse
+    try:
+        dirs = []
+        for i, p in enumerate(partitions):
+            d = mnt / f"p{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            opts = f"{_mount_options(p.fstype)},loop,offset={p.offset},sizelimit={p.size}"
+            run(["mount", "-t", p.fstype, "-o", opts, job["image"], d])
+            mounted.append(d)
+            dirs.append(d)
+            if p.fstype.startswith("ext"):
+                dev = run(["findmnt", "-n", "-o", "SOURCE", d]).stdout.strip()
                 header = run(["dumpe2fs", "-h", dev], check=False).stdout
                 if "needs_recovery" in header or re.search(r"Filesystem state:\s+not clean", header):
-                    findings.append(Finding("filesystem", "/", f"the filesystem at offset {p['offset']} was not "
+                    findings.append(Finding("filesystem", "/", f"the filesystem at offset {p.offset} was not "
                                             "cleanly unmounted: the VM did not shut down cleanly"))
-            findings += scan_tree(mnt, inp)
-        finally:
-            run(["umount", mnt])
+        roots = [i for i, d in enumerate(dirs) if (d / "etc/fstab").is_file() and not (d / "etc/fstab").is_symlink()]
+        alone = list(range(len(dirs)))
+        if roots:
+            root = dirs[roots[0]]
+            alone.remove(roots[0])
+            fstab = (root / "etc/fstab").read_text(errors="replace")
+            for source, mountpoint in fstab_mounts(fstab):
+                target = root / mountpoint.lstrip("/")
+                for i in list(alone):
+                    # the target must be a real directory inside the image (resolve() would follow the
+                    # image's absolute links out to the host)
+                    if _matches(source, partitions[i]) and target.is_dir() and not target.is_symlink():
+                        run(["mount", "--bind", dirs[i], target])
+                        mounted.append(target)
+                        alone.remove(i)
+                        break
+            findings += scan_tree(root, inp)
+        # Partitions the image's fstab does not mount are scanned as trees of their own.
+        for i in alone:
+            findings += scan_tree(dirs[i], inp)
+    finally:
+        for d in reversed(mounted):
+            run(["umount", d], check=False)
     json.dump([f.__dict__ for f in findings], sys.stdout)
     return 0
 

@@ -96,6 +96,13 @@ def _walk_files(top: Path) -> Iterator[Path]:
                 yield p
 
 
+def _empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+    except OSError:
+        return False
+
+
 def _word(term: str) -> re.Pattern[bytes]:
     return re.compile(rb"(?<![A-Za-z0-9_.-])" + re.escape(term.encode()) + rb"(?![A-Za-z0-9_-])")
 
@@ -160,6 +167,8 @@ def _homes(root: Path) -> list[Finding]:
     home = _p(root, "/home")
     if home.is_dir():
         for entry in sorted(home.iterdir()):
+            if entry.name == "lost+found" and _empty_dir(entry):
+                continue  # mke2fs's own, when /home is a file system of its own
             out.append(Finding("home", _abs(root, entry), "a home directory left in the image"))
     for rel in ("/root/.ssh/authorized_keys", "/root/.ssh/authorized_keys2"):
         p = _p(root, rel)

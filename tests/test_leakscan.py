@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from imagekit import capture
-from imagekit.deprovision import LeakFound, check_image, find_partitions, scan_image
+from imagekit.deprovision import LeakFound, check_image, find_partitions, fstab_mounts, scan_image
 from imagekit.leakscan import ScanInput, scan_tree
 from imagekit.run import which
 
@@ -273,3 +273,68 @@ def test_gpt_xfs_image_clean_and_leaking(tmp_path: Path, clean: Path) -> None:
     assert found == [("home", f"/home/{USER}"), ("waagent-state", "/var/lib/waagent/provisioned")], found
     assert leaking.read_bytes() == before  # read-only: not even the xfs log was replayed or written
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
+# --- separate partitions, put together as the image's fstab says ------------------------------------------
+
+HOME_UUID = "5e7a0000-1111-4222-8333-444455556666"
+
+
+def _ext4_with(tmp: Path, name: str, tree: Path, mib: int, *, uuid: str = "", label: str = "") -> Path:
+    part = tmp / name
+    argv = ["mkfs.ext4", "-q", "-F", "-d", str(tree)]
+    argv += (["-U", uuid] if uuid else []) + (["-L", label] if label else [])
+    subprocess.run([*argv, str(part), f"{mib}M"], check=True, capture_output=True)
+    return part
+
+
+def make_split_disk(tmp: Path, parts: list[Path]) -> Path:
+    """An MBR disk holding the given partition images back to back from 1 MiB, all type Linux."""
+    disk = tmp / "split.raw"
+    sizes = [p.stat().st_size // MIB for p in parts]
+    with disk.open("wb") as fh:
+        fh.truncate((1 + sum(sizes) + 1) * MIB)
+    starts, at = [], 1
+    for size in sizes:
+        starts.append(at)
+        at += size
+    lines = [f"start={s * 2048}, size={z * 2048}, type=83\n" for s, z in zip(starts, sizes, strict=True)]
+    layout = "label: dos\n" + "".join(lines)
+    subprocess.run(["sfdisk", "-q", str(disk)], input=layout.encode(), check=True)
+    for part, start in zip(parts, starts, strict=True):
+        subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={start}", "conv=notrunc,sparse",
+                        "status=none"], check=True)
+        part.unlink()
+    return disk
+
+
+def test_separate_home_and_var_log_are_scanned_where_fstab_mounts_them(tmp_path: Path, clean: Path) -> None:
+    """Hardened images split /home and /var/log off the root: a user's home or a log naming the user there is
+    still found, and named by its path in the running system."""
+    _w(clean, "/etc/fstab", "UUID=1234 / ext4 defaults 0 1\n"
+       f"UUID={HOME_UUID.upper()} /home ext4 defaults,nodev 0 2\n"  # blkid prints lower case; fstab may not
+       "# a comment, then swap and a bind mount that are not partitions\n/swapfile none swap sw 0 0\n"
+       "/srv/x /mnt/x none bind 0 0\n"
+       "LABEL=varlog /var/log ext4 defaults 0 2\n")
+    home, varlog, stray = tmp_path / "home", tmp_path / "varlog", tmp_path / "stray"
+    _w(home, f"/{USER}/.ssh/authorized_keys", "ssh-ed25519 AAAA k\n")
+    _w(varlog, "/auth.log", f"sshd[1]: Accepted publickey for {USER} from x\n")
+    _w(stray, "/etc/machine-id", "0123456789abcdef0123456789abcdef\n")  # in no fstab line: scanned on its own
+    parts = [_ext4_with(tmp_path, "root.ext4", clean, 16),
+             _ext4_with(tmp_path, "home.ext4", home, 8, uuid=HOME_UUID),
+             _ext4_with(tmp_path, "varlog.ext4", varlog, 8, label="varlog"),
+             _ext4_with(tmp_path, "stray.ext4", stray, 8)]
+    disk = make_split_disk(tmp_path, parts)
+    found = sorted((f.kind, f.path) for f in scan_image(disk, "raw", INP))
+    assert found == [("home", f"/home/{USER}"), ("log-secret", "/var/log/auth.log"),
+                     ("machine-id", "/etc/machine-id")], found
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_fstab_mounts_order_and_what_is_left_out() -> None:
+    fstab = ("# /etc/fstab\nUUID=a / xfs defaults 0 0\nUUID=b /var/log xfs defaults 0 0\n"
+             "UUID=c /var xfs defaults 0 0\n/dev/sda2 none swap sw 0 0\nproc /proc proc defaults 0 0\n"
+             "tmpfs /tmp tmpfs defaults 0 0\n/a /b none bind 0 0\nLABEL=x /data\\040dir ext4 defaults 0 2\n"
+             "PARTUUID=d /boot/efi vfat umask=0077 0 1\nbroken-line\n")
+    assert fstab_mounts(fstab) == [("UUID=c", "/var"), ("LABEL=x", "/data dir"), ("UUID=b", "/var/log"),
+                                   ("PARTUUID=d", "/boot/efi")]
