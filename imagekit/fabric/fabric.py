@@ -65,6 +65,7 @@ class Fabric:
         self.identity = identity
         self.name = name or profile.hostname
         self.limits = limits or Limits()
+        self.imds_api_versions = tuple(imds_api_versions)
         self.state = FabricState()
         self._apps = FabricApps(identity, profile, self.state, imds_api_versions, self.name)
         self._servers: list[RunningServer] = []
