@@ -128,7 +128,8 @@ def base(c: Context, distro: str = "debian-12", rebuild: bool = False, prune: bo
 # --- provisioning on the local platform --------------------------------------------------------
 @task(help={
     "distro": "distro id from the table (invoke distros lists them), e.g. debian-12",
-    "keep": "leave the VM running afterwards and print how to log in (the emulated fabric stops)",
+    "keep": "leave the VM running afterwards and print how to log in (its emulated fabric keeps serving it "
+            "from a detached process until the VM exits)",
     "custom_data": "a file passed to the VM as CustomData (cloud-config, script; at most 65535 bytes)",
     "workdir": "where the run directory (console log, QEMU and namespace logs) goes (default: the cache)",
     "memory": "guest memory in MiB",
@@ -164,6 +165,9 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
         print("the VM keeps running; log in with:")
         print(f"  {pvm.ssh_command()}")
         print(f"stop it with:  kill {pvm.vm.child_pid} && rm -rf {pvm.vm.private_dir}")
+        if pvm.fabric_keeper is not None:
+            print(f"(its fabric is served by process {pvm.fabric_keeper.pid}, which exits by itself when the VM "
+                  "does)")
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -175,7 +179,7 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
         "report_dir": "where junit.xml, report.json and report.html go (default: reports/<distro>-<time>/)",
         "swap_percent": "cloud-init images: give the resource disk a swap partition of this share (0: none)",
         "only": "comma-separated check ids or categories to run (default: all)",
-        "keep": "leave the VM running afterwards and print how to log in",
+        "keep": "leave the VM running afterwards and print how to log in (its emulated fabric keeps serving it)",
         "verbose": "log debug detail",
     }
 )

@@ -36,6 +36,7 @@ from imagekit import distros, qemu
 from imagekit.distros import Agent, Distro
 from imagekit.errors import ProvisioningError
 from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
+from imagekit.fabric.keeper import Keeper, hand_over
 from imagekit.iso import build_iso_bytes, write_ovf_iso
 from imagekit.log import Timings
 from imagekit.ovf import ProvisioningProfile, render_ovf_env
@@ -77,6 +78,7 @@ class ProvisionedVM:
     host_key_source: str = ""
     ready_report: ReportedState | None = None
     kept: bool = False
+    fabric_keeper: Keeper | None = None  # with ``kept``: the process serving the fabric until the VM exits
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -161,8 +163,10 @@ def provision(
     ``custom_data`` goes into the profile (the default one or the given one). ``workdir`` receives the
     run directory (console log, QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``.
     ``keep`` leaves the VM running when the block ends without an error (see
-    :attr:`ProvisionedVM.kept`). ``ovf_transform`` rewrites the rendered ovf-env.xml before it goes on
-    the ISO (fault tests: an OVF the agent must reject; the fabric still serves ``profile``).
+    :attr:`ProvisionedVM.kept`), its fabric served by a detached keeper process
+    (:mod:`imagekit.fabric.keeper`) until the VM exits. ``ovf_transform`` rewrites the rendered
+    ovf-env.xml before it goes on the ISO (fault tests: an OVF the agent must reject; the fabric still
+    serves ``profile``).
     """
     d = distros.get(distro) if isinstance(distro, str) else distro
     suffix = secrets.token_hex(3)
@@ -177,6 +181,7 @@ def provision(
         base_image = ensure_base(d).path
     private = private_tmpdir(vm_name)
     kept = False
+    keeper: Keeper | None = None
     try:
         key_path, public_key = generate_keypair(private)
         hostname = profile.hostname if profile else f"ik-{suffix}"
@@ -245,11 +250,22 @@ def provision(
                     yield pvm
                 finally:
                     guest.close()
-                kept = keep
-                pvm.kept = kept
-                if kept:
-                    vlog.info("kept running; log in with:\n  %s", pvm.ssh_command())
+                if keep:
+                    # The VM outlives this process; its fabric must too (as Azure's does). A failed
+                    # handover raises here, so the VM is torn down like any failed run.
+                    vm.check()
+                    assert vm.child_pid is not None
+                    keeper = hand_over(fabric, watch_pid=vm.child_pid, log_path=run_dir / "fabric-keeper.log")
+            kept = keep
+            pvm.kept = kept
+            if kept:
+                assert keeper is not None
+                pvm.fabric_keeper = keeper
+                vlog.info("kept running (its fabric is served by process %d until the VM exits); log in with:\n  %s",
+                          keeper.pid, pvm.ssh_command())
     finally:
         if not kept:
+            if keeper is not None:
+                keeper.stop()
             shutil.rmtree(private, ignore_errors=True)
         vlog.info("timings (s after QEMU start): %s", timings.as_dict())

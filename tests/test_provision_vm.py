@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,4 +195,60 @@ def test_ssh_never_comes_up(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "did not succeed within 90 s" in msg
     assert err.value.console_tail
+    assert _leftovers(name) == []
+
+
+# --- kept VMs -----------------------------------------------------------------------------------------
+
+KEPT_PROBE = r'''
+import json, urllib.request
+def get(url, headers=None):
+    r = urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=20)
+    return r.read().decode()
+print(json.dumps({
+    "versions": get("http://168.63.129.16/?comp=versions"),
+    "goal_state": get("http://168.63.129.16/machine/?comp=goalstate", {"x-ms-version": "2012-11-30"}),
+    "hostga": get("http://168.63.129.16:32526/versions"),
+    "imds": json.loads(get("http://169.254.169.254/metadata/instance?api-version=2021-02-01",
+                           {"Metadata": "true"})),
+}))
+'''
+
+
+def test_a_kept_vm_keeps_its_fabric_until_it_is_stopped(tmp_path: Path) -> None:
+    name = "debian-12-kept-" + os.urandom(2).hex()
+    with provision("debian-12", workdir=tmp_path, name=name, keep=True) as p:
+        pass
+    assert p.kept and p.fabric_keeper is not None
+    keeper = p.fabric_keeper
+    child = p.vm.child_pid
+    assert child is not None
+    try:
+        # The harness's own fabric has stopped; the guest still reaches its WireServer, HostGAPlugin and IMDS.
+        assert p.fabric.sockets is None
+        p.guest.connect(120)
+        try:
+            p.guest.write_file("/tmp/ik-kept.py", KEPT_PROBE.encode(), sudo=False)
+            res = p.guest.run("python3 /tmp/ik-kept.py", sudo=False, timeout=120)
+            assert res.ok, res.evidence()
+            out = json.loads(res.stdout)
+            assert "<Versions>" in out["versions"] and "2015-09-01" in out["hostga"]
+            # The same goal state as before the handover: same incarnation, container and VM id.
+            assert "<Incarnation>1</Incarnation>" in out["goal_state"]
+            assert f"<ContainerId>{p.fabric.identity.container_id}</ContainerId>" in out["goal_state"]
+            assert out["imds"]["compute"]["vmId"] == p.fabric.identity.vm_id
+            assert out["imds"]["compute"]["osProfile"]["computerName"] == p.profile.hostname
+        finally:
+            p.guest.close()
+        assert keeper.proc.poll() is None
+    finally:
+        # What the printed stop instructions do: kill the namespace child (QEMU goes with it) ...
+        os.kill(child, signal.SIGTERM)
+        # ... and the keeper ends by itself once it has.
+        rc = keeper.proc.wait(timeout=60)
+        shutil.rmtree(p.vm.private_dir, ignore_errors=True)
+    assert rc == 0
+    log = (p.run_dir / "fabric-keeper.log").read_text()
+    assert f"process {child} exited" in log
+    assert p.profile.password is None or p.profile.password not in log
     assert _leftovers(name) == []

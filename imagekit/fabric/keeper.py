@@ -239,8 +239,8 @@ def hand_over(fabric: Fabric, *, watch_pid: int, log_path: Path, timeout: float 
     proc: subprocess.Popen[bytes] | None = None
     read_fd, write_fd = os.pipe()
     try:
+        t0 = time.monotonic()  # the gap the VM sees: from stopping the in-process servers to the keeper serving
         fabric.stop()
-        t0 = time.monotonic()
         pkg_root = os.fspath(Path(__file__).resolve().parent.parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)}
@@ -249,7 +249,7 @@ def hand_over(fabric: Fabric, *, watch_pid: int, log_path: Path, timeout: float 
             proc = subprocess.Popen(
                 [sys.executable, "-m", "imagekit.fabric.keeper", "--ready-fd", str(write_fd), os.fspath(path)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(write_fd,),
-                start_new_session=True, env=env)
+                start_new_session=True, env=env, cwd="/")  # "/": a long-lived process pins no directory
         os.close(write_fd)
         write_fd = -1
         got = b""
@@ -267,7 +267,8 @@ def hand_over(fabric: Fabric, *, watch_pid: int, log_path: Path, timeout: float 
             got += chunk
         if got != READY_LINE:
             raise HandoverError(f"the fabric keeper for {fabric.name} said {got!r} instead of it is serving")
-        log.info("%s: fabric handed over to keeper pid %d in %.2f s (serves until pid %d exits; log %s)",
+        log.info("%s: fabric handed over to keeper pid %d (%.2f s without a fabric; serves until pid %d exits; "
+                 "log %s)",
                  fabric.name, proc.pid, time.monotonic() - t0, watch_pid, log_path)
         return Keeper(proc, log_path)
     except BaseException:
@@ -313,6 +314,7 @@ def _serve(handover_path: Path, ready_fd: int | None, stop: threading.Event) -> 
             log.info("%s: asked to stop; stopping the fabric", ho.fabric.name)
     finally:
         ho.fabric.stop()
+    log.info("%s: served %d request(s) while kept; exiting", ho.fabric.name, len(ho.fabric.requests()))
     return 0
 
 
