@@ -40,16 +40,31 @@ def _cli(fn: F) -> F:
 # --- distro table -------------------------------------------------------------------------------
 
 
-@task(help={"verbose": "log debug detail"})
+@task(help={
+    "json": "print a JSON list instead, one object per distro (id, family, version, agent, source, buildable, "
+            "why), e.g. for a CI matrix",
+    "buildable": "only the distros this machine can build",
+    "verbose": "log debug detail",
+})
 @_cli
-def distros(c: Context, verbose: bool = False) -> None:
+def distros(c: Context, json: bool = False, buildable: bool = False, verbose: bool = False) -> None:
     """Print the distro table: id, agent, image source, and whether it can be built on this machine."""
+    import json as json_mod
+
     from imagekit import distros as table
 
-    rows = [("ID", "AGENT", "SOURCE", "BUILDS HERE")]
+    entries = []
     for d in table.default_table().values():
         ok, why = d.buildable_here()
-        rows.append((d.id, d.agent.value, d.source.kind.value, ("yes: " if ok else "no: ") + why))
+        if ok or not buildable:
+            entries.append((d, ok, why))
+    if json:
+        print(json_mod.dumps([{"id": d.id, "family": d.family.value, "version": d.version, "agent": d.agent.value,
+                               "source": d.source.kind.value, "buildable": ok, "why": why}
+                              for d, ok, why in entries], indent=1))
+        return
+    rows = [("ID", "AGENT", "SOURCE", "BUILDS HERE")]
+    rows += [(d.id, d.agent.value, d.source.kind.value, ("yes: " if ok else "no: ") + why) for d, ok, why in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
@@ -345,3 +360,26 @@ def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool
         raise InputError("--distro and --version are required")
     Gallery().remove(distro, version)
     print(f"removed {distro} {version}")
+
+
+# --- benchmarks -----------------------------------------------------------------------------------
+
+
+@task(help={
+    "disk_gib": "virtual size of the benchmark disk in GiB (a hole except for the data)",
+    "data_mib": "MiB of files on it (half random, half text)",
+    "repeat": "runs per step; the median is reported",
+    "workdir": "where the scratch files go (default: the system's temporary directory)",
+    "verbose": "log debug detail",
+})
+@_cli
+def bench(c: Context, disk_gib: int = 30, data_mib: int = 1024, repeat: int = 3, workdir: str = "",
+          verbose: bool = False) -> None:
+    """Time capture (VHD, SHA-256, zstd qcow2) and the offline scan next to plain-tool baselines; print ratios."""
+    from pathlib import Path
+
+    from imagekit.bench import render, run_capture_benchmark
+
+    rows = run_capture_benchmark(Path(workdir) if workdir else None, disk_gib=disk_gib, data_mib=data_mib,
+                                 repeat=repeat)
+    print(render(rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import tomllib
@@ -198,3 +199,21 @@ def test_distros_task_prints_the_table() -> None:
     assert set(rows) == set(distros.load_table())
     assert re.search(r"debian-12-cloudinit\s+cloud-init\s+bootstrap\s+yes", rows["debian-12-cloudinit"])
     assert re.search(r"ubuntu-24.04\s+cloud-init\s+download\s+no", rows["ubuntu-24.04"])
+
+
+def test_distros_task_json_for_a_ci_matrix() -> None:
+    def run(*args: str) -> list[dict[str, object]]:
+        out = subprocess.run([str(REPO_ROOT / ".venv/bin/invoke"), "distros", "--json", *args], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        rows: list[dict[str, object]] = json.loads(out)
+        return rows
+
+    table = distros.load_table()
+    every = run()
+    assert [r["id"] for r in every] == list(table)
+    ubuntu = next(r for r in every if r["id"] == "ubuntu-24.04")
+    assert ubuntu == {"id": "ubuntu-24.04", "family": "ubuntu", "version": "24.04", "agent": "cloud-init",
+                      "source": "download", "buildable": False, "why": table["ubuntu-24.04"].buildable_here()[1]}
+    here = run("--buildable")
+    assert [r["id"] for r in here] == [d.id for d in table.values() if d.buildable_here()[0]]
+    assert {"debian-12", "debian-12-cloudinit", "debian-13", "debian-13-cloudinit"} <= {str(r["id"]) for r in here}
