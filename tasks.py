@@ -6,6 +6,7 @@ Run them through ./ik (which sets up first) or .venv/bin/invoke once set up.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +34,11 @@ def _cli(fn: F) -> F:
         except KeyboardInterrupt:
             print("imagekit: interrupted; cleaned up", file=sys.stderr)
             raise Exit(code=130) from None
+        except BrokenPipeError:
+            # The reader went away (`./ik distros | head`): no traceback; stdout goes nowhere from now on,
+            # so the interpreter's final flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=141) from None
 
     return wrapper  # type: ignore[return-value]
 
