@@ -185,10 +185,44 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
     if pvm.kept:
         print("the VM keeps running; log in with:")
         print(f"  {pvm.ssh_command()}")
-        print(f"stop it with:  kill {pvm.vm.child_pid} && rm -rf {pvm.vm.private_dir}")
+        print(f"stop it with:  ./ik vm-stop --name {pvm.vm.name}   (./ik vms lists kept VMs)")
         if pvm.fabric_keeper is not None:
             print(f"(its fabric is served by process {pvm.fabric_keeper.pid}, which exits by itself when the VM "
                   "does)")
+
+
+@task(help={"verbose": "log debug detail"})
+@_cli
+def vms(c: Context, verbose: bool = False) -> None:
+    """List the VMs left running with --keep: name, state, when kept, how to log in."""
+    from imagekit import kept
+
+    rows = kept.list_kept()
+    if not rows:
+        print("no kept VMs")
+        return
+    for vm in rows:
+        print(f"{vm.name}  {'running' if vm.running else 'ended'}  kept {vm.kept_at}  ({vm.distro})")
+        print(f"  log in: {vm.ssh_command}" if vm.running else f"  remove: ./ik vm-stop --name {vm.name}")
+
+
+@task(help={
+    "name": "the kept VM's name (see: ./ik vms)",
+    "all": "stop every kept VM",
+    "verbose": "log debug detail",
+})
+@_cli
+def vm_stop(c: Context, name: str = "", all: bool = False, verbose: bool = False) -> None:
+    """Stop a VM left running with --keep (QEMU, its namespace and its fabric) and remove its secrets."""
+    from imagekit import kept
+    from imagekit.errors import InputError
+
+    if bool(name) == all:
+        raise InputError("vm-stop needs exactly one of --name NAME or --all")
+    targets = kept.list_kept() if all else [kept.find(name)]
+    for vm in targets:
+        kept.stop(vm)
+        print(f"stopped {vm.name}")
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -236,6 +270,8 @@ def check(
     print(summary_table(outcome.runs))
     for kind, path in outcome.reports.items():
         print(f"{kind:6} {path}")
+    if keep:
+        print("the VM keeps running: ./ik vms shows how to log in, ./ik vm-stop --name NAME stops it")
     if not outcome.ok:
         bad = [r.check.id for r in outcome.runs if not r.result.ok]
         raise CheckFailed(f"{len(bad)} check(s) did not pass: {', '.join(bad)}",

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagekit import distros, qemu
+from imagekit import kept as kept_vms
 from imagekit.distros import Agent, Distro
 from imagekit.errors import ProvisioningError
 from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
@@ -256,6 +257,9 @@ def provision(
                     vm.check()
                     assert vm.child_pid is not None
                     keeper = hand_over(fabric, watch_pid=vm.child_pid, log_path=run_dir / "fabric-keeper.log")
+                    kept_vms.record(private, name=vm_name, distro=d.id, run_dir=run_dir,
+                                    ssh_command=pvm.ssh_command(), child_pid=vm.child_pid, qemu_pid=vm.qemu_pid,
+                                    keeper_pid=keeper.pid)
             kept = keep
             pvm.kept = kept
             if kept:

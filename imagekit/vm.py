@@ -100,13 +100,19 @@ def sweep_stale(base: Path) -> list[Path]:
 
     A directory is stale when the process recorded in its ``.owner`` file is gone and it does not
     belong to a VM left running on purpose (``keep``). Its VM died with the harness (parent-death
-    signal), so only files remain. Returns what was removed."""
+    signal), so only files remain. A kept VM's directory goes once its record says all of its processes
+    have ended (:mod:`imagekit.kept`). Returns what was removed."""
     removed = []
     for d in base.glob("*-*"):
         try:
             owner = int((d / _OWNER).read_text())
             config = d / "netns.json"
             if config.exists() and json.loads(config.read_text()).get("detach"):
+                from imagekit.kept import ended
+
+                if ended(d):  # a kept VM that has stopped: its secrets go now
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
                 continue
         except (OSError, ValueError):
             continue
@@ -560,7 +566,7 @@ class VM:
             "console_log": os.fspath(self.console_log),
         }
         (self.run_dir / "vm.json").write_text(json.dumps(state, indent=1) + "\n")
-        self.log.info("left running: stop with `kill %s` (then remove %s)", self.child_pid, self.private_dir)
+        self.log.info("left running: stop it with ./ik vm-stop --name %s", self.name)
 
     def _close_monitors(self) -> None:
         self._stop_watch.set()

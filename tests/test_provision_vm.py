@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from imagekit import kept
 from imagekit.errors import ProvisioningError, VMError
 from imagekit.paths import cache_dir
 from imagekit.provision import ProvisionedVM, provision
@@ -242,12 +243,16 @@ def test_a_kept_vm_keeps_its_fabric_until_it_is_stopped(tmp_path: Path) -> None:
             p.guest.close()
         assert keeper.proc.poll() is None
     finally:
-        # What the printed stop instructions do: kill the namespace child (QEMU goes with it) ...
-        os.kill(child, signal.SIGTERM)
-        # ... and the keeper ends by itself once it has.
+        # What the printed stop instruction (./ik vm-stop --name NAME) does: the kept VM is found by its
+        # record, its namespace child (QEMU goes with it) and its keeper are ended, its secrets removed.
+        [listed] = [vm for vm in kept.list_kept() if vm.name == name]
+        assert listed.running and listed.child.pid == child and listed.keeper is not None
+        assert listed.keeper.pid == keeper.pid
+        kept.stop(kept.find(name))
         rc = keeper.proc.wait(timeout=60)
         shutil.rmtree(p.vm.private_dir, ignore_errors=True)
     assert rc == 0
+    assert not p.vm.private_dir.exists() and kept.process_start(child) is None
     log = (p.run_dir / "fabric-keeper.log").read_text()
     assert f"process {child} exited" in log
     assert p.profile.password is None or p.profile.password not in log
