@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +59,14 @@ def host_listener() -> Iterator[int]:
     srv.listen()
     yield srv.getsockname()[1]
     srv.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A fresh 0700 directory with a short path, like a VM's private dir: sockaddr_un allows 107 bytes,
+    and pytest's tmp_path can be longer."""
+    d = Path(tempfile.mkdtemp(prefix="ik-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -59,16 +59,6 @@ def _fabric(hostname: str = "vm-a", vm_uuid: uuid.UUID = UUID_A, ip: str = "10.0
     return Fabric(profile, VMIdentity(vm_uuid, mac="52:54:00:12:34:56", ip=ip), **kw)
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # Short paths: sockaddr_un allows 107 bytes, pytest's tmp_path can be longer.
-    d = Path(tempfile.mkdtemp(prefix="ikf-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 SMALL = Limits(max_body=64 * 1024, read_timeout=1.0, connection_deadline=3.0, max_connections=8)
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -56,13 +54,8 @@ def _fabric() -> Fabric:
 
 
 @pytest.fixture
-def private() -> Iterator[Path]:
-    # Short (Unix socket paths) and 0700, like a VM's private dir.
-    d = Path(tempfile.mkdtemp(prefix="ikk-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def private(sockdir: Path) -> Path:
+    return sockdir
 
 
 @pytest.fixture
