@@ -44,11 +44,11 @@ class Row:
         return self.seconds / self.baseline_seconds if self.baseline_seconds > 0 else None
 
 
-def _median_time(fn: Callable[[int], None], repeat: int) -> float:
+def _median_time(fn: Callable[[], None], repeat: int) -> float:
     times = []
-    for i in range(repeat):
+    for _ in range(repeat):
         start = time.perf_counter()
-        fn(i)
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -90,19 +90,19 @@ def capture_benchmark(workdir: Path, *, disk_gib: int = 30, data_mib: int = 1024
     disk = make_disk(workdir, disk_gib, data_mib)
     scratch = workdir / "out"
 
-    def fresh(i: int) -> Path:
+    def fresh() -> Path:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         return scratch
 
-    def sparse_copy(i: int) -> None:
-        run(["cp", "--sparse=always", disk, fresh(i) / "copy.raw"])
+    def sparse_copy() -> None:
+        run(["cp", "--sparse=always", disk, fresh() / "copy.raw"])
 
-    def full_copy(i: int) -> None:
-        run(["cp", "--sparse=never", disk, fresh(i) / "copy.raw"])
+    def full_copy() -> None:
+        run(["cp", "--sparse=never", disk, fresh() / "copy.raw"])
 
-    def vhd(i: int) -> None:
-        capture.make_fixed_vhd(disk, fresh(i) / "disk.vhd")
+    def vhd() -> None:
+        capture.make_fixed_vhd(disk, fresh() / "disk.vhd")
 
     copy_s = _median_time(sparse_copy, repeat)
     full_s = _median_time(full_copy, 1)  # slow by nature; once is enough to show the gap
@@ -110,38 +110,40 @@ def capture_benchmark(workdir: Path, *, disk_gib: int = 30, data_mib: int = 1024
     vhd_path = scratch / "disk.vhd"
     vhd_alloc = vhd_path.stat().st_blocks * 512
 
-    def sha_ours(i: int) -> None:
-        capture.sha256_file(vhd_path)
+    ours: list[str] = []
+    theirs: list[str] = []
 
-    def sha_openssl(i: int) -> None:
-        subprocess.run(["openssl", "dgst", "-sha256", vhd_path], check=True, capture_output=True)
+    def sha_ours() -> None:
+        ours.append(capture.sha256_file(vhd_path))
+
+    def sha_openssl() -> None:
+        theirs.append(subprocess.run(["openssl", "dgst", "-sha256", "-r", vhd_path], check=True,
+                                     capture_output=True, text=True).stdout.split()[0])
 
     sha_base_s = _median_time(sha_openssl, repeat)
     sha_s = _median_time(sha_ours, repeat)
-    theirs = subprocess.run(["openssl", "dgst", "-sha256", "-r", vhd_path], check=True, capture_output=True,
-                            text=True).stdout.split()[0]
-    if capture.sha256_file(vhd_path) != theirs:
+    if len(set(ours + theirs)) != 1:
         raise AssertionError("imagekit's sparse-aware SHA-256 differs from openssl's")
 
-    def scan(i: int) -> None:
+    def scan() -> None:
         if scan_image(vhd_path, "vpc", ScanInput(usernames=["benchuser"])):
             raise AssertionError("the benchmark disk holds nothing the scan should find")
 
     scan_s = _median_time(scan, repeat)
 
-    def qcow_zlib(i: int) -> None:
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", disk, fresh(i) / "zlib.qcow2"])
+    def qcow_zlib() -> None:
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", disk, fresh() / "zlib.qcow2"])
 
-    def qcow_zstd(i: int) -> None:
-        capture.make_qcow2_zstd(disk, fresh(i) / "disk.qcow2")
+    def qcow_zstd() -> None:
+        capture.make_qcow2_zstd(disk, fresh() / "disk.qcow2")
 
     zlib_s = _median_time(qcow_zlib, repeat)
     zlib_size = (scratch / "zlib.qcow2").stat().st_size
     zstd_s = _median_time(qcow_zstd, repeat)
     zstd_size = (scratch / "disk.qcow2").stat().st_size
 
-    def whole(i: int) -> None:
-        capture.capture(disk, fresh(i) / "cap")
+    def whole() -> None:
+        capture.capture(disk, fresh() / "cap")
 
     whole_s = _median_time(whole, repeat)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -468,11 +468,12 @@ def _scan_worker() -> int:
                 if "needs_recovery" in header or re.search(r"Filesystem state:\s+not clean", header):
                     findings.append(Finding("filesystem", "/", f"the filesystem at offset {p.offset} was not "
                                             "cleanly unmounted: the VM did not shut down cleanly"))
-        roots = [i for i, d in enumerate(dirs) if (d / "etc/fstab").is_file() and not (d / "etc/fstab").is_symlink()]
+        root_index = next((i for i, d in enumerate(dirs)
+                           if (d / "etc/fstab").is_file() and not (d / "etc/fstab").is_symlink()), None)
         alone = list(range(len(dirs)))
-        if roots:
-            root = dirs[roots[0]]
-            alone.remove(roots[0])
+        if root_index is not None:
+            root = dirs[root_index]
+            alone.remove(root_index)
             fstab = (root / "etc/fstab").read_text(errors="replace")
             for source, mountpoint in fstab_mounts(fstab):
                 target = root / mountpoint.lstrip("/")

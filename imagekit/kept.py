@@ -22,10 +22,10 @@ from typing import Any
 
 from imagekit.errors import InputError
 from imagekit.fabric.keeper import process_start
+from imagekit.fsutil import write_text_atomic
+from imagekit.paths import vms_dir
 
 __all__ = ["KEPT_FILE", "KeptVM", "Proc", "ended", "find", "list_kept", "process_start", "record", "stop", "vms_dir"]
-from imagekit.fsutil import write_text_atomic
-from imagekit.paths import cache_dir
 
 KEPT_FILE = "kept.json"
 
@@ -63,10 +63,6 @@ class KeptVM:
 
     def processes(self) -> list[Proc]:
         return [p for p in (self.child, self.qemu, self.keeper) if p is not None]
-
-
-def vms_dir() -> Path:
-    return cache_dir() / "vms"
 
 
 def record(private_dir: Path, *, name: str, distro: str, run_dir: Path, ssh_command: str, child_pid: int,
@@ -158,4 +154,4 @@ def stop(vm: KeptVM, timeout: float = 30.0) -> None:
 def ended(private_dir: Path) -> bool:
     """Whether ``private_dir`` belongs to a kept VM that has ended (for the sweep)."""
     vm = _load(private_dir / KEPT_FILE)
-    return vm is not None and not vm.running and not any(p.alive() for p in vm.processes())
+    return vm is not None and not any(p.alive() for p in vm.processes())

@@ -19,3 +19,8 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "imagekit"
+
+
+def vms_dir() -> Path:
+    """Where each VM's private directory (sockets, secrets; a kept VM's record) lives."""
+    return cache_dir() / "vms"

@@ -41,7 +41,7 @@ from typing import Any
 from imagekit import netns, qemu
 from imagekit.errors import VMError
 from imagekit.log import Timings
-from imagekit.paths import cache_dir
+from imagekit.paths import vms_dir
 
 log = logging.getLogger("imagekit.vm")
 
@@ -124,7 +124,7 @@ def sweep_stale(base: Path) -> list[Path]:
 
 def private_tmpdir(name: str) -> Path:
     """A fresh 0700 directory for one VM's sockets and secrets, short enough for Unix socket paths."""
-    base = cache_dir() / "vms"
+    base = vms_dir()
     base.mkdir(parents=True, exist_ok=True)
     for stale in sweep_stale(base):
         log.info("removed %s, left behind by a harness that died", stale)

@@ -51,6 +51,7 @@ from imagekit.fabric.identity import VMIdentity
 from imagekit.fabric.state import Service
 from imagekit.fsutil import write_json_atomic
 from imagekit.ovf import ProvisioningProfile
+from imagekit.paths import REPO_ROOT
 
 log = logging.getLogger("imagekit.fabric.keeper")
 
@@ -241,7 +242,7 @@ def hand_over(fabric: Fabric, *, watch_pid: int, log_path: Path, timeout: float 
     try:
         t0 = time.monotonic()  # the gap the VM sees: from stopping the in-process servers to the keeper serving
         fabric.stop()
-        pkg_root = os.fspath(Path(__file__).resolve().parent.parent.parent)
+        pkg_root = os.fspath(REPO_ROOT)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)}
         with open(log_path, "ab") as err:
