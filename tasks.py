@@ -84,10 +84,13 @@ def distros(c: Context, json: bool = False, buildable: bool = False, verbose: bo
         "hostname": "the VM's host name (Azure's computerName rules: 1-64 of A-Z a-z 0-9 . -)",
         "username": "the admin user to create (Azure's adminUsername rules; root, admin, ... are refused)",
         "ssh_key": "an OpenSSH public key file (.pub; RSA >= 2048 bits or Ed25519); repeat for more keys",
-        "password_file": "a file whose first line is the user's password (kept out of logs and errors)",
-        "custom_data": "a file passed as CustomData (cloud-config, script, ...; at most 65535 bytes)",
+        "password_file": "a file whose first line is the user's password; later lines are ignored (at most "
+                         "4 KiB; kept out of logs and errors)",
+        "custom_data": "a file passed as CustomData (cloud-config, script, ...; at most 65535 bytes, checked "
+                       "before it is read)",
         "disable_password_auth": "disable SSH password authentication (default; --no-... enables it)",
-        "output": "where to write the ISO (written 0600, atomically; nothing is left on error)",
+        "output": "the ISO file to write, in an existing directory (written 0600, atomically; nothing is left on "
+                  "error). A directory or a path ending in / is refused: name the file, e.g. out/ovf.iso",
         "verbose": "log debug detail",
     },
     iterable=["ssh_key"],
@@ -105,12 +108,13 @@ def iso(
     verbose: bool = False,
 ) -> None:
     """Write an OVF provisioning ISO (ovf-env.xml on ISO9660+Joliet+Rock Ridge+UDF) that Azure's agents read."""
-    from imagekit.iso import write_ovf_iso
+    from imagekit.iso import check_output_path, write_ovf_iso
     from imagekit.ovf import ProvisioningProfile
 
     missing = [f"--{n}" for n, v in (("hostname", hostname), ("username", username), ("output", output)) if not v]
     if missing:
         raise ImagekitError(f"missing required option(s): {', '.join(missing)}", hint="see: invoke --help iso")
+    check_output_path(output)  # before any input file is read (write_ovf_iso checks again)
     profile = ProvisioningProfile.from_files(
         hostname=hostname,
         username=username,
@@ -151,7 +155,8 @@ def base(c: Context, distro: str = "debian-12", rebuild: bool = False, prune: bo
     "distro": "distro id from the table (invoke distros lists them), e.g. debian-12",
     "keep": "leave the VM running afterwards and print how to log in (its emulated fabric keeps serving it "
             "from a detached process until the VM exits)",
-    "custom_data": "a file passed to the VM as CustomData (cloud-config, script; at most 65535 bytes)",
+    "custom_data": "a file passed to the VM as CustomData (cloud-config, script; at most 65535 bytes, checked "
+                   "before it is read)",
     "workdir": "where the run directory (console log, QEMU and namespace logs) goes (default: the cache)",
     "memory": "guest memory in MiB",
     "cpus": "virtual CPUs",
@@ -166,15 +171,14 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
     """
     from pathlib import Path
 
-    from imagekit.errors import InputError
+    from imagekit.ovf import CUSTOM_DATA_MAX, read_input_file, validate_custom_data
     from imagekit.provision import provision as provision_vm
 
     data = None
     if custom_data:
-        try:
-            data = Path(custom_data).read_bytes()
-        except OSError as exc:
-            raise InputError(f"--custom-data: cannot read {custom_data}: {exc.strerror}") from None
+        data = read_input_file(Path(custom_data), "--custom-data", CUSTOM_DATA_MAX,
+                               f"a file of 1-{CUSTOM_DATA_MAX} bytes (Azure's CustomData limit)")
+        validate_custom_data(data)
     with provision_vm(distro, custom_data=data, keep=keep, workdir=Path(workdir) if workdir else None,
                       memory_mib=memory, cpus=cpus) as pvm:
         who = pvm.guest.run("id -un; hostname; systemd-detect-virt", sudo=False).stdout.split()
@@ -283,7 +287,8 @@ def check(
 @task(
     help={
         "distro": "the distro id to build (default debian-12; see: invoke distros)",
-        "version": "the image version, Major.Minor.Patch (default: <distro major>.<minor>.<YYYYMMDD><NN>)",
+        "version": "the image version, Major.Minor.Patch, each 0-2147483647 as Azure requires (default: "
+                   "<distro major>.<minor>.<YYYYMMDD><NN>)",
         "report_dir": "where the build and verify check reports go (default: reports/build-<distro>-<time>/)",
         "skip_deprovision": "TEST OPTION: capture without deprovisioning (the scan and the verify boot must "
                             "catch it)",
@@ -307,9 +312,12 @@ def build(
     from imagekit.build import BuildOptions
     from imagekit.build import build as run_build
     from imagekit.errors import InputError
+    from imagekit.versions import Version
 
     if not distro:
         raise InputError("missing required option --distro", hint="see: invoke distros")
+    if version:
+        Version.parse(version)  # a bad --version fails here, before any work (build() checks it again)
     result = run_build(distro, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
                                             skip_scan=skip_scan,
                                             report_dir=Path(report_dir) if report_dir else None))
@@ -342,6 +350,8 @@ def images(c: Context, distro: str = "", latest: bool = False, all: bool = False
     from imagekit.gallery import Gallery
 
     g = Gallery()
+    if distro:
+        _check_known_distro(g, distro)
     if latest:
         if not distro:
             raise InputError("--latest needs --distro", hint="latest is resolved per distro, as in Azure")
@@ -367,7 +377,7 @@ def images(c: Context, distro: str = "", latest: bool = False, all: bool = False
     help={
         "distro": "the distro id",
         "version": "the version to deprecate",
-        "end_of_life": "end-of-life date, YYYY-MM-DD",
+        "end_of_life": "end-of-life date, YYYY-MM-DD, after today (UTC): Azure refuses one in the past",
         "keep_in_latest": "do not exclude it from latest until the end-of-life date passes",
         "verbose": "log debug detail",
     }
@@ -376,22 +386,25 @@ def images(c: Context, distro: str = "", latest: bool = False, all: bool = False
 def images_deprecate(c: Context, distro: str = "", version: str = "", end_of_life: str = "",
                      keep_in_latest: bool = False, verbose: bool = False) -> None:
     """Deprecate an image version: set its end-of-life date and exclude it from latest."""
-    import datetime as dt
-
     from imagekit.errors import InputError
-    from imagekit.gallery import Gallery
+    from imagekit.gallery import Gallery, parse_end_of_life
+    from imagekit.versions import Version
 
     if not (distro and version and end_of_life):
         raise InputError("--distro, --version and --end-of-life are required")
+    g = Gallery()
+    _check_known_distro(g, distro)
+    Version.parse(version)
     try:
-        eol = dt.date.fromisoformat(end_of_life)
-    except ValueError:
-        raise InputError(f"bad --end-of-life {end_of_life!r}; allowed: a date as YYYY-MM-DD") from None
-    iv = Gallery().deprecate(distro, version, eol, exclude_from_latest=not keep_in_latest)
+        eol = parse_end_of_life(end_of_life)
+    except InputError as exc:
+        raise InputError(f"--end-of-life: {exc.message}", hint=exc.hint) from None
+    iv = g.deprecate(distro, version, eol, exclude_from_latest=not keep_in_latest)
     print(f"{iv.distro} {iv.version}: {iv.status().value}, end of life {eol.isoformat()}")
 
 
-@task(help={"distro": "the distro id", "version": "the version to remove", "verbose": "log debug detail"})
+@task(help={"distro": "the distro id", "version": "the version to remove (Major.Minor.Patch)",
+            "verbose": "log debug detail"})
 @_cli
 def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool = False) -> None:
     """Remove an image version's files from the gallery (its number is never reused)."""
@@ -400,8 +413,22 @@ def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool
 
     if not (distro and version):
         raise InputError("--distro and --version are required")
-    Gallery().remove(distro, version)
+    g = Gallery()
+    _check_known_distro(g, distro)
+    g.remove(distro, version)
     print(f"removed {distro} {version}")
+
+
+def _check_known_distro(gallery: Any, distro: str) -> None:
+    """An unknown distro id is an error listing the known ones: the distro table's and any id that has
+    versions in the gallery (also removed ones; an id dropped from the table stays listable)."""
+    from imagekit import distros as table
+    from imagekit.errors import InputError
+
+    known = set(table.default_table()) | {v.distro for v in gallery.versions(include_removed=True)}
+    if distro not in known:
+        shown = repr(distro[:40]) + ("..." if len(distro) > 40 else "")
+        raise InputError(f"unknown distro {shown}; known: {', '.join(sorted(known))}", hint="see: invoke distros")
 
 
 # --- benchmarks -----------------------------------------------------------------------------------

@@ -101,6 +101,35 @@ def _check_distro(distro: str) -> None:
         raise InputError(f"bad distro id {distro!r}; allowed: lower-case letters, digits, '.' and '-'")
 
 
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+EOL_ALLOWED = "a date as YYYY-MM-DD (e.g. 2027-06-30) after today (UTC); Azure refuses an end of life in the past"
+
+
+def _today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+def parse_end_of_life(text: str, today: dt.date | None = None) -> dt.date:
+    """Parse a user-given end-of-life date: exactly ``YYYY-MM-DD`` (not ``20261231`` or ``2026-W53-4``, which
+    ``date.fromisoformat`` also takes), a real calendar date, after ``today`` (UTC)."""
+    shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+    if not _DATE_RE.match(text):
+        raise InputError(f"bad end-of-life date {shown}", hint=f"allowed: {EOL_ALLOWED}")
+    try:
+        eol = dt.date.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"bad end-of-life date {shown}: no such day", hint=f"allowed: {EOL_ALLOWED}") from None
+    _check_future(eol, today)
+    return eol
+
+
+def _check_future(eol: dt.date, today: dt.date | None) -> None:
+    day = today or _today()
+    if eol <= day:
+        raise InputError(f"end-of-life date {eol.isoformat()} is not after today ({day.isoformat()}, UTC)",
+                         hint=f"allowed: {EOL_ALLOWED}")
+
+
 class Staging:
     """A private directory under the gallery root where one build writes its artifacts."""
 
@@ -330,8 +359,11 @@ class Gallery:
         return self.get(distro, version)
 
     def deprecate(self, distro: str, version: Version | str, end_of_life: dt.date,
-                  *, exclude_from_latest: bool = True) -> ImageVersion:
-        """Set an end-of-life date; by default the version is also excluded from "latest" right away."""
+                  *, exclude_from_latest: bool = True, today: dt.date | None = None) -> ImageVersion:
+        """Set an end-of-life date; by default the version is also excluded from "latest" right away.
+
+        As in Azure, the date must be in the future: after ``today`` (default: today, UTC)."""
+        _check_future(end_of_life, today)
         iv = self.get(distro, version)
         with self._locked():
             state = self._state()

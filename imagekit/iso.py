@@ -62,20 +62,76 @@ def build_iso_bytes(data: bytes) -> bytes:
         iso.close()
 
 
+#: Kernel pseudo-filesystems: writing an ISO there is never meant (and fails in odd ways: /proc says ENOENT).
+_PSEUDO_FS_ROOTS = (Path("/proc"), Path("/sys"))
+_OUTPUT_ALLOWED = "a file path in an existing, writable directory, such as out/ovf.iso (not a directory)"
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Check an ``--output`` path before anything is built; return it as a :class:`Path`.
+
+    Refused, with :class:`InputError`: an empty path; one that ends in ``/`` or names an existing directory
+    (the ISO is never written into a directory under a made-up name: say the file name); a file name longer
+    than the file system allows (NAME_MAX, 255 bytes on Linux) or a path over PATH_MAX; a directory that does
+    not exist or is not a directory; anything under /proc or /sys.
+    """
+    text = os.fspath(path)
+    if not text:
+        raise InputError("output: the path is empty", hint=f"allowed: {_OUTPUT_ALLOWED}")
+    target = Path(text)
+    dir_hint = f"allowed: {_OUTPUT_ALLOWED}, e.g. {target / 'ovf.iso'}"
+    if text.endswith("/"):
+        raise InputError(f"output: {text} ends in '/', so it names a directory; the ISO is written to a file "
+                         "you name", hint=dir_hint)
+    parent = target.parent
+    resolved = parent.resolve()
+    if any(resolved == root or root in resolved.parents for root in _PSEUDO_FS_ROOTS):
+        raise InputError(f"output: {parent} is on a kernel pseudo-filesystem (/proc, /sys)",
+                         hint=f"allowed: {_OUTPUT_ALLOWED}")
+    try:
+        if not parent.is_dir():
+            what = "is not a directory" if parent.exists() else "does not exist"
+            raise InputError(f"output: directory {parent} {what}", hint=f"allowed: {_OUTPUT_ALLOWED}")
+    except OSError as exc:  # a component too long, a loop of symlinks, no permission to look
+        raise InputError(f"output: cannot use directory {parent}: {exc.strerror or exc}",
+                         hint=f"allowed: {_OUTPUT_ALLOWED}") from None
+    name_max = _pathconf(parent, "PC_NAME_MAX", 255)
+    name_len = len(os.fsencode(target.name))
+    if name_len > name_max:
+        raise InputError(f"output: the file name is {name_len} bytes, longer than the file system's limit of "
+                         f"{name_max}", hint=f"allowed: {_OUTPUT_ALLOWED}, with a name of at most {name_max} bytes")
+    path_max = _pathconf(parent, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(resolved / target.name)) >= path_max:
+        raise InputError(f"output: the path is longer than the file system's limit of {path_max} bytes",
+                         hint=f"allowed: {_OUTPUT_ALLOWED}")
+    if target.is_dir():
+        raise InputError(f"output: {text} is a directory; the ISO is written to a file you name", hint=dir_hint)
+    return target
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 0 else default
+
+
 def write_ovf_iso(profile: ProvisioningProfile, path: str | os.PathLike[str]) -> Path:
     """Render ``profile`` and write the provisioning ISO to ``path`` (mode 0600, atomically).
 
-    Returns the path written. Raises :class:`InputError` if the target directory does not exist or the
-    target is a directory.
+    Returns the path written. Raises :class:`InputError` for a path :func:`check_output_path` refuses and
+    when the file cannot be written there (read-only file system, no permission, no space); then nothing
+    is left behind.
     """
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise InputError(f"output: {target} is a directory", hint="allowed: a file path such as ovf.iso")
-    if not parent.is_dir():
-        raise InputError(f"output: directory {parent} does not exist", hint="allowed: a path in an existing directory")
+    target = check_output_path(path)
+    parent = target.parent
     image = build_iso_bytes(render_ovf_env(profile).encode("utf-8"))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    try:
+        # A short temp name: the target's own name may already be near NAME_MAX.
+        fd, tmp_name = tempfile.mkstemp(prefix=".ovf-iso.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     tmp = Path(tmp_name)
     try:
         # mkstemp already creates 0600; fchmod states the requirement regardless of umask or platform.
@@ -85,6 +141,9 @@ def write_ovf_iso(profile: ProvisioningProfile, path: str | os.PathLike[str]) ->
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(target, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -96,6 +155,10 @@ def write_ovf_iso(profile: ProvisioningProfile, path: str | os.PathLike[str]) ->
         profile.username,
     )
     return target
+
+
+def _cannot_write(target: Path, exc: OSError) -> InputError:
+    return InputError(f"output: cannot write {target}: {exc.strerror or exc}", hint=f"allowed: {_OUTPUT_ALLOWED}")
 
 
 def read_ovf_iso(path: str | os.PathLike[str], namespace: Namespace = "udf") -> bytes:

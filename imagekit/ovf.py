@@ -29,7 +29,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import re
+import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,6 +50,11 @@ AZURE_USERNAME_MAX = 64
 PASSWORD_MIN = 6
 PASSWORD_MAX = 72
 CUSTOM_DATA_MAX = 65535
+#: Size limits of the files named on the command line, checked before they are read: a password file
+#: holds one line of at most 72 characters (4 bytes each in UTF-8) plus whatever follows it; a key file a
+#: few dozen public keys (an RSA-16384 key line is under 3 KiB).
+PASSWORD_FILE_MAX = 4096
+KEY_FILE_MAX = 256 * 1024
 RSA_MIN_BITS = 2048
 
 #: Azure's disallowed ``adminUsername`` values (compute REST API, ``OSProfile.adminUsername``); compared
@@ -359,11 +366,13 @@ class ProvisioningProfile:
         """Build a validated profile from files, as the ``iso`` task does.
 
         A key file holds one or more public-key lines (blank lines and ``#`` comments are skipped). The
-        password file holds the password on its first line (one trailing newline is dropped).
+        password file holds the password on its first line; the line ending (``\\n`` or ``\\r\\n``) and any
+        later lines are ignored. Each file is size-checked before it is read (:func:`read_input_file`):
+        custom data up to Azure's 65535 bytes, a password file up to 4 KiB, a key file up to 256 KiB.
         """
         keys: list[str] = []
         for kf in ssh_key_files:
-            text = _read_text(Path(kf), "ssh_key")
+            text = _read_text(Path(kf), "ssh_key", KEY_FILE_MAX)
             lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
             if not lines:
                 raise _fail(f"ssh_key {kf}", "the file holds no key", "an OpenSSH public key file (.pub)")
@@ -371,15 +380,15 @@ class ProvisioningProfile:
                 keys.append(parse_ssh_public_key(ln, where=f"ssh_key {kf} (key {i + 1})").openssh)
         password = None
         if password_file is not None:
-            raw = _read_text(Path(password_file), "password_file")
-            if raw.endswith("\r\n"):
-                raw = raw[:-2]
-            elif raw.endswith("\n"):
-                raw = raw[:-1]
-            password = raw
+            raw = _read_text(Path(password_file), "password_file", PASSWORD_FILE_MAX)
+            # The first line (up to the first line feed, without a trailing carriage return) is the
+            # password; later lines are ignored. Other control characters stay in and are refused.
+            first = raw.split("\n", 1)[0]
+            password = first[:-1] if first.endswith("\r") else first
         custom_data = None
         if custom_data_file is not None:
-            custom_data = _read_bytes(Path(custom_data_file), "custom_data")
+            custom_data = read_input_file(Path(custom_data_file), "custom_data", CUSTOM_DATA_MAX,
+                                          f"a file of 1-{CUSTOM_DATA_MAX} bytes (Azure's CustomData limit)")
         return cls.create(
             hostname=hostname,
             username=username,
@@ -401,15 +410,36 @@ class ProvisioningProfile:
         return f"$HOME/{self.username}/.ssh/authorized_keys"
 
 
-def _read_bytes(path: Path, field_name: str) -> bytes:
+def read_input_file(path: Path, field_name: str, limit: int, allowed: str = "") -> bytes:
+    """Read a file the user named on the command line, refusing it unread when it is over ``limit`` bytes.
+
+    The size is checked twice: ``fstat`` of the open file (a 2 GiB file is refused without reading a byte of
+    it), and a read of at most ``limit + 1`` bytes (for pipes, ``/dev/zero`` and files that grow), so
+    memory stays bounded whatever the path names.
+    """
+    allowed = allowed or f"a readable file of at most {limit} bytes"
     try:
-        return path.read_bytes()
+        with path.open("rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+                raise _fail(field_name, f"{path} is {st.st_size} bytes, over the limit of {limit}", allowed)
+            data = fh.read(limit + 1)
+            # A raw read may return less than asked before the end (pipes): read on up to the limit.
+            while data is not None and len(data) <= limit:
+                more = fh.read(limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
     except OSError as exc:
-        raise _fail(field_name, f"cannot read {path}: {exc.strerror or exc}", "a readable file") from None
+        raise _fail(field_name, f"cannot read {path}: {exc.strerror or exc}", allowed) from None
+    data = data or b""
+    if len(data) > limit:
+        raise _fail(field_name, f"{path} holds more than {limit} bytes", allowed)
+    return data
 
 
-def _read_text(path: Path, field_name: str) -> str:
-    data = _read_bytes(path, field_name)
+def _read_text(path: Path, field_name: str, limit: int) -> str:
+    data = read_input_file(path, field_name, limit, f"a UTF-8 text file of at most {limit} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

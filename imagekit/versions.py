@@ -20,8 +20,19 @@ from imagekit.errors import InputError
 
 MAX_PART = 2**31 - 1
 MAX_BUILDS_PER_DAY = 100
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
-_ALLOWED = "Major.Minor.Patch, each a whole number from 0 to 2147483647 without leading zeros (e.g. 12.0.2026112201)"
+# At most 10 digits a part: 2147483647 has 10, and int() of a longer run is refused by Python (and slow).
+_PART = r"(0|[1-9][0-9]{0,9})"
+_VERSION_RE = re.compile(rf"^{_PART}\.{_PART}\.{_PART}$")
+_ALLOWED = ("Azure's image version format Major.Minor.Patch, each a whole number from 0 to 2147483647 "
+            "(a signed 32-bit integer) without leading zeros (e.g. 12.0.2026112201)")
+_SHOWN_MAX = 40
+
+
+def _shown(text: object) -> str:
+    """``text`` for an error message: quoted, and cut short (with its length) when long."""
+    if isinstance(text, str) and len(text) > _SHOWN_MAX:
+        return f"{text[:_SHOWN_MAX]!r}... ({len(text)} characters)"
+    return repr(text)
 
 
 @dataclass(frozen=True, order=True)
@@ -44,7 +55,7 @@ class Version:
         """Parse and validate a user-given version (``--version``)."""
         m = _VERSION_RE.match(text.strip()) if isinstance(text, str) else None
         if not m:
-            raise InputError(f"bad image version {text!r}; allowed: {_ALLOWED}")
+            raise InputError(f"bad image version {_shown(text)}; allowed: {_ALLOWED}")
         return cls(*(int(g) for g in m.groups()))
 
 
@@ -54,7 +65,8 @@ def distro_major_minor(distro_version: str) -> tuple[int, int]:
     m = re.match(r"^(\d+)(?:\.(\d+))?", distro_version)
     if not m:
         return 0, 0
-    major, minor = int(m.group(1)), int(m.group(2) or 0)
+    # A part longer than 10 digits is over MAX_PART anyway (and int() refuses over 4300 digits).
+    major, minor = (int(g) if len(g) <= 10 else MAX_PART for g in (m.group(1), m.group(2) or "0"))
     return min(major, MAX_PART), min(minor, MAX_PART)
 
 

@@ -77,11 +77,11 @@ def test_latest_skips_deprecated_and_end_of_life(tmp_path: Path) -> None:
     for v in ["12.0.1", "12.0.2", "12.0.3"]:
         _register(g, v)
     assert str(g.latest("debian-12", TODAY).version) == "12.0.3"
-    g.deprecate("debian-12", "12.0.3", dt.date(2027, 1, 1))
+    g.deprecate("debian-12", "12.0.3", dt.date(2027, 1, 1), today=TODAY)
     assert g.get("debian-12", "12.0.3").status(TODAY) is Status.DEPRECATED
     assert str(g.latest("debian-12", TODAY).version) == "12.0.2"
     # an end-of-life date that has passed also takes a version out of latest, even if not excluded
-    g.deprecate("debian-12", "12.0.2", dt.date(2026, 1, 1), exclude_from_latest=False)
+    g.deprecate("debian-12", "12.0.2", dt.date(2026, 1, 1), exclude_from_latest=False, today=dt.date(2025, 12, 1))
     assert g.get("debian-12", "12.0.2").status(TODAY) is Status.END_OF_LIFE
     assert str(g.latest("debian-12", TODAY).version) == "12.0.1"
     g.remove("debian-12", "12.0.1")
