@@ -1,16 +1,20 @@
 """A small, bounded HTTP/1.1 server for the fabric: the app is a plain function ``Request -> Response``.
 
-Built on :mod:`http.server` for request-line and header parsing (its limits: 64 KiB per line, 100 header
-lines), plus what a service facing untrusted guests needs:
+The guest is untrusted, so the wire format is parsed by h11 (a strict HTTP/1.1 parser: request line,
+header syntax, ``Content-Length`` and chunked framing) and the server is asyncio, one event loop per
+listening socket on a thread of its own, so an idle or trickling connection costs a few kilobytes, not a
+thread. What it enforces (:class:`Limits`):
 
-- request bodies only with a valid ``Content-Length`` no larger than ``Limits.max_body`` (else 413/411/400,
-  answered without reading the body); chunked uploads are refused (the agents never send them);
-- a per-read socket timeout and a hard per-connection deadline (a watchdog shuts the socket down), so an
-  idle or trickling client ("slowloris") holds a thread for a bounded time;
-- a cap on concurrent connections (extra ones are closed at once);
+- a request head of at most ``max_header_bytes``, complete within ``header_timeout`` however the client
+  trickles ("slowloris"); a client silent for ``read_timeout`` is cut; no connection lives longer than
+  ``connection_deadline``;
+- request bodies only with a valid ``Content-Length`` no larger than ``max_body`` (else 413/400, answered
+  without reading the body); chunked uploads are refused with 411 (the agents never send them);
+- at most ``max_connections`` concurrent connections per socket: the excess gets a 503 and is closed at
+  once, and a listen backlog of ``backlog`` so that a burst of connections is queued, not dropped;
 - one request per connection (``Connection: close``), so a connection's lifetime is one exchange;
-- any exception in the app becomes a 500 for that request and is logged without the body; the server
-  keeps serving.
+- anything the parser refuses is a 4xx naming what was wrong; any exception in the app becomes a 500 for
+  that request, logged without the body; the server keeps serving.
 
 Every answered request, including refused and malformed ones, is reported to ``on_served`` (method, path,
 status; never headers or body).
@@ -18,31 +22,38 @@ status; never headers or body).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import http.server
+import http
 import logging
 import os
 import socket
-import socketserver
 import threading
-import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import h11
+
 log = logging.getLogger("imagekit.fabric")
 
 _PRINTABLE = MappingProxyType({i: "?" for i in range(32)} | {127: "?"})
+_MAX_QUERY_FIELDS = 50
+_MAX_HEADERS = 100
 
 
 @dataclass(frozen=True)
 class Limits:
     max_body: int = 1024 * 1024
     read_timeout: float = 10.0  # per socket read
-    connection_deadline: float = 30.0  # whole connection, however the client trickles
-    max_connections: int = 32
+    header_timeout: float = 10.0  # the whole request head, however the client trickles
+    connection_deadline: float = 30.0  # whole connection
+    max_connections: int = 256  # concurrent, per socket; the guest's relay allows fewer per endpoint
+    max_header_bytes: int = 64 * 1024
+    backlog: int = 512
 
 
 @dataclass(frozen=True)
@@ -75,256 +86,329 @@ OnServed = Callable[[str, str, int], None]  # method, target (sanitized), status
 
 
 def sanitize(text: str, limit: int = 512) -> str:
-    """Make a client-supplied string safe for records and logs (no control characters, bounded)."""
+    """Make a client-supplied string safe for records (no control characters, bounded)."""
     text = text.translate(_PRINTABLE)
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    # Constants only; all state is per instance or on the server object.
-    protocol_version = "HTTP/1.1"
-    server_version = "imagekit-fabric"
-    sys_version = ""
+def escape(text: str, limit: int = 256) -> str:
+    """Guest text made safe for one log line: every control, format, line- or paragraph-separator character
+    (and the backslash) written as a Python-style escape, so no guest text can end a line or forge the
+    next one; at most ``limit`` characters of the text are shown, then how many more there were."""
+    shown, rest = text[:limit], len(text) - limit
+    out = []
+    for ch in shown:
+        cat = unicodedata.category(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif cat[0] == "C" or cat in ("Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out) + (f"…[{rest} more characters]" if rest > 0 else "")
 
-    server: _ServerMixin  # type: ignore[assignment]
 
-    def setup(self) -> None:
-        limits = self.server.limits
-        self.request.settimeout(limits.read_timeout)
-        super().setup()
-        self._answered = False
-        self._watchdog = threading.Timer(limits.connection_deadline, self._expire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
-    def _expire(self) -> None:
-        # Unblocks a read in progress: the handler sees EOF or an error and ends.
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
 
-    def finish(self) -> None:
-        self._watchdog.cancel()
-        with contextlib.suppress(OSError):
-            super().finish()
+def _encode(response: Response, head_only: bool) -> bytes:
+    lines = [
+        f"HTTP/1.1 {response.status} {_reason(response.status)}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Connection: close",
+        "Server: imagekit-fabric",
+        *(f"{name}: {value}" for name, value in response.headers),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
 
-    def address_string(self) -> str:
-        # Unix-socket peers have no address tuple; the VM is named by the server's log prefix.
-        return self.server.name
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # requests are logged once, in _reply, without bodies
+def _refusal(status: int, reason: str) -> Response:
+    return Response(status, f"{_reason(status)}: {reason}\n".encode("utf-8", "replace"))
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # Called by parse_request for malformed request lines, bad versions, too many/too long headers.
-        self.close_connection = True
-        text = message or self.responses.get(code, ("error",))[0]
-        self._reply(Response(code, (text + "\n").encode("utf-8", "replace")))
 
-    def handle_one_request(self) -> None:
-        self.close_connection = True
-        self.command = ""
-        self.path = ""
+class _Refused(Exception):
+    """The request cannot be served; ``response`` says why."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class _Exchange:
+    """One connection: read one request under the limits, answer it, close."""
+
+    def __init__(self, server: _Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.reader = reader
+        self.writer = writer
+        self.method = ""
+        self.target = ""
+        self.received = 0
+        self.answered = False
+
+    async def run(self) -> None:
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-        except (TimeoutError, OSError):
-            return
-        if not self.raw_requestline:
-            return
-        if len(self.raw_requestline) > 65536:
-            self.requestline = ""
-            self.request_version = "HTTP/1.1"
-            self.send_error(414, "Request-URI Too Long")
-            return
-        try:
-            ok = self.parse_request()
-        except (TimeoutError, OSError):
-            return
-        if not ok:
-            if not self._answered:
-                self.send_error(400, "Bad request")
-            return
-        self.close_connection = True
-        body = self._read_body()
-        if body is None:
-            return
-        request = self._request(body)
-        if request is None:
-            return
-        try:
-            response = self.server.app(request)
-        except Exception:
-            log.exception(
-                "%s: %s handler failed for %s %s",
-                self.server.name,
-                self.server.service,
-                self.command,
-                sanitize(self.path),
-            )
-            response = Response(500, b"internal error\n")
-        self._reply(response)
-
-    def _read_body(self) -> bytes | None:
-        if self.headers.get("Transfer-Encoding") is not None:
-            self.send_error(411, "Length Required (chunked bodies are not accepted)")
-            return None
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            return b""
-        if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
-            self.send_error(400, "Bad request (invalid Content-Length)")
-            return None
-        length = int(lengths[0].strip())
-        if length > self.server.limits.max_body:
-            self.send_error(413, f"Payload Too Large (limit {self.server.limits.max_body} bytes)")
-            return None
-        try:
-            body = self.rfile.read(length)
-        except (TimeoutError, OSError):
-            return None
-        if len(body) != length:
-            return None  # the client went away or the deadline passed mid-body
-        return body
-
-    def _request(self, body: bytes) -> Request | None:
-        try:
-            split = urllib.parse.urlsplit(self.path)
-            query = urllib.parse.parse_qs(split.query, keep_blank_values=True, max_num_fields=50)
-            path = urllib.parse.unquote(split.path, errors="strict")
-        except ValueError:
-            self.send_error(400, "Bad request (invalid request target)")
-            return None
-        headers: dict[str, str] = {}
-        for name, value in self.headers.items():
-            headers.setdefault(name.lower(), value)
-        return Request(self.command, self.path, path, query, headers, body)
-
-    def _reply(self, response: Response) -> None:
-        if self._answered:
-            return
-        self._answered = True
-        # Always frame answers as HTTP/1.1, also for HTTP/0.9-style or unparsable request lines, so that
-        # every client sees a status line.
-        self.request_version = "HTTP/1.1"
-        status = response.status
-        target = sanitize(self.path or "")
-        method = sanitize(self.command or "", 16)
-        # Recorded before the answer is sent, so a client that has its answer always finds the record.
-        log.debug("%s: %s %s %s -> %d", self.server.name, self.server.service, method, target, status)
-        try:
-            self.server.on_served(method, target, status)
-        except Exception:
-            log.exception("%s: recording a request failed", self.server.name)
-        try:
-            self.send_response_only(status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
-            self.send_header("Connection", "close")
-            for name, value in response.headers:
-                self.send_header(name, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(response.body)
-            self.wfile.flush()
-        except (TimeoutError, OSError):
+            async with asyncio.timeout(self.limits.connection_deadline):
+                try:
+                    request = await self._read()
+                except _Refused as refused:
+                    await self._reply(refused.response)
+                    return
+                except TimeoutError:
+                    # Only a client that started a request is told; an idle connection is just closed.
+                    if self.received:
+                        await self._reply(_refusal(408, "the request was not received in time"))
+                    return
+                if request is not None:
+                    await self._reply(self.server.call_app(request))
+        except (TimeoutError, ConnectionError, OSError):
             pass
 
+    async def _receive(self, conn: h11.Connection, deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.read_timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - loop.time())
+        if timeout <= 0:
+            raise TimeoutError
+        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        self.received += len(data)
+        conn.receive_data(data)  # b"" is the end of the client's stream
 
-class _ServerMixin(socketserver.ThreadingMixIn):
-    daemon_threads = True
-    block_on_close = False
-    app: App
-    on_served: OnServed
-    limits: Limits
-    name: str
-    service: str
+    async def _read(self) -> Request | None:
+        limits = self.limits
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        head_deadline: float | None = asyncio.get_running_loop().time() + limits.header_timeout
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+                raise _Refused(_refusal(status, f"malformed request ({exc})")) from None
+            except ValueError as exc:  # anything h11 did not turn into a protocol error
+                raise _Refused(_refusal(400, f"malformed request ({type(exc).__name__})")) from None
+            if event is h11.NEED_DATA:
+                await self._receive(conn, head_deadline)
+            elif isinstance(event, h11.Request):
+                head, head_deadline = event, None
+                self._check_head(event)
+            elif isinstance(event, h11.Data):
+                body += event.data  # only up to the Content-Length checked in _check_head
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return self._request(head, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                return None  # closed before sending anything
+            else:
+                raise _Refused(_refusal(400, "malformed request"))
 
-    def _setup_fabric(self, app: App, on_served: OnServed, limits: Limits, name: str, service: str) -> None:
+    def _check_head(self, head: h11.Request) -> None:
+        self.method = head.method.decode("ascii", "replace")
+        self.target = head.target.decode("ascii", "replace")
+        if head.http_version not in (b"1.0", b"1.1"):
+            raise _Refused(_refusal(505, "only HTTP/1.0 and HTTP/1.1 are served"))
+        # h11 bounds only an incomplete head; a complete one is bounded here.
+        if len(head.target) > self.limits.max_header_bytes:
+            raise _Refused(_refusal(414, f"the request target is longer than {self.limits.max_header_bytes} bytes"))
+        size = sum(len(name) + len(value) + 4 for name, value in head.headers)
+        if len(head.headers) > _MAX_HEADERS or size > self.limits.max_header_bytes:
+            raise _Refused(_refusal(
+                431, f"more than {_MAX_HEADERS} header fields or {self.limits.max_header_bytes} bytes of them"))
+        lengths: list[bytes] = []
+        for name, value in head.headers:
+            if name == b"transfer-encoding":
+                raise _Refused(_refusal(411, "chunked bodies are not accepted; send a Content-Length"))
+            if name == b"content-length":
+                lengths.append(value)
+        # h11 has checked the value: ASCII digits, one value. A 20-digit length is refused unread.
+        if lengths and (len(lengths[0]) > 18 or int(lengths[0]) > self.limits.max_body):
+            raise _Refused(_refusal(413, f"the body is larger than {self.limits.max_body} bytes"))
+
+    def _request(self, head: h11.Request, body: bytes) -> Request:
+        if not head.target.isascii():
+            raise _Refused(_refusal(400, "the request target is not ASCII"))
+        target = head.target.decode("ascii")
+        try:
+            split = urllib.parse.urlsplit(target)
+            query = urllib.parse.parse_qs(split.query, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS)
+            path = urllib.parse.unquote(split.path, errors="strict")
+        except ValueError:
+            reason = "invalid request target (bad escapes, or more than 50 query fields)"
+            raise _Refused(_refusal(400, reason)) from None
+        headers: dict[str, str] = {}
+        for name, value in head.headers:
+            headers.setdefault(name.decode("ascii", "replace"), value.decode("latin-1"))
+        return Request(self.method, target, path, query, headers, body)
+
+    async def _reply(self, response: Response) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        self.server.record(self.method, self.target, response.status)
+        self.writer.write(_encode(response, self.method == "HEAD"))
+        await self.writer.drain()
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        # Read what the client still sends (a refused body), so closing does not reset the connection
+        # before the client has read the answer; bounded by the connection deadline.
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            while await asyncio.wait_for(self.reader.read(65536), min(self.limits.read_timeout, 1.0)):
+                pass
+
+
+class _Server:
+    """One listening socket served by an event loop on its own thread."""
+
+    def __init__(
+        self, sock: socket.socket, app: App, on_served: OnServed, limits: Limits, name: str, service: str
+    ) -> None:
+        self.sock = sock
         self.app = app
         self.on_served = on_served
         self.limits = limits
         self.name = name
         self.service = service
-        self._active: set[socket.socket] = set()
-        self._active_lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"fabric-{service}", daemon=True)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            over = len(self._active) >= self.limits.max_connections
-            if not over:
-                self._active.add(request)
-        if over:
-            log.warning("%s: %s: too many connections, refusing one", self.name, self.service)
-            self.shutdown_request(request)
+    def start(self) -> None:
+        self.thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self._server = self.loop.run_until_complete(self._listen())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            self.loop.close()
             return
-        super().process_request(request, client_address)
+        self._ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
 
-    def shutdown_request(self, request: Any) -> None:
-        with self._active_lock:
-            self._active.discard(request)
-        super().shutdown_request(request)  # type: ignore[misc]
+    async def _listen(self) -> asyncio.Server:
+        if self.sock.family == socket.AF_UNIX:
+            return await asyncio.start_unix_server(self._accept, sock=self.sock, backlog=self.limits.backlog)
+        return await asyncio.start_server(self._accept, sock=self.sock, backlog=self.limits.backlog)
 
-    def close_active(self) -> None:
-        with self._active_lock:
-            active = list(self._active)
-        for sock in active:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        over = len(self._tasks) >= self.limits.max_connections
+        self._tasks.add(task)
+        try:
+            if over:
+                log.warning("%s: %s: more than %d connections, refusing one", self.name, self.service,
+                            self.limits.max_connections)
+                self.record("", "", 503)
+                with contextlib.suppress(ConnectionError, OSError):
+                    writer.write(_encode(_refusal(503, "too many connections"), False))
+                return
+            await _Exchange(self, reader, writer).run()
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    def call_app(self, request: Request) -> Response:
+        try:
+            return self.app(request)
+        except Exception:
+            log.exception("%s: %s handler failed for %s %s", self.name, self.service,
+                          escape(request.method, 16), escape(request.target))
+            return Response(500, b"internal error\n")
+
+    def record(self, method: str, target: str, status: int) -> None:
+        method, target = sanitize(method, 16), sanitize(target)
+        # Recorded before the answer is sent, so a client that has its answer always finds the record.
+        log.debug("%s: %s %s %s -> %d", self.name, self.service, method, target, status)
+        try:
+            self.on_served(method, target, status)
+        except Exception:
+            log.exception("%s: recording a request failed", self.name)
 
     def active_count(self) -> int:
-        with self._active_lock:
-            return len(self._active)
+        return len(self._tasks)
 
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.loop.stop()
 
-class UnixHTTPServer(_ServerMixin, socketserver.UnixStreamServer):
-    pass
-
-
-class TCPHTTPServer(_ServerMixin, socketserver.TCPServer):
-    allow_reuse_address = True
+    def close(self, grace: float = 5.0) -> None:
+        if self.thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+            self.thread.join(timeout=grace)
+        self.sock.close()
 
 
 class RunningServer:
     """A server and the thread that runs it; ``close()`` stops both and removes a Unix socket file."""
 
-    def __init__(self, server: UnixHTTPServer | TCPHTTPServer, unix_path: str | None = None) -> None:
+    def __init__(self, server: _Server, unix_path: str | None = None) -> None:
         self.server = server
         self.unix_path = unix_path
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name=f"fabric-{server.service}",
-            daemon=True,
-        )
-        self._thread.start()
 
     @property
     def address(self) -> Any:
-        return self.server.server_address
+        return self.server.sock.getsockname()
+
+    def active_count(self) -> int:
+        return self.server.active_count()
 
     def close(self, grace: float = 5.0) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.server.close_active()
-        deadline = time.monotonic() + grace
-        while self.server.active_count() and time.monotonic() < deadline:
-            time.sleep(0.01)  # handler threads finish right after their sockets are shut down
-        self._thread.join(timeout=grace)
+        self.server.close(grace)
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
 
 
+def _serve(sock: socket.socket, app: App, on_served: OnServed, limits: Limits, name: str, service: str) -> _Server:
+    server = _Server(sock, app, on_served, limits, name, service)
+    server.start()
+    return server
+
+
 def serve_unix(path: str, app: App, on_served: OnServed, limits: Limits, name: str, service: str) -> RunningServer:
-    server = UnixHTTPServer(path, _Handler, bind_and_activate=False)
-    server._setup_fabric(app, on_served, limits, name, service)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
-        server.server_bind()
+        sock.bind(path)
+        bound = True
         os.chmod(path, 0o600)
-        server.server_activate()
+        sock.listen(limits.backlog)
+        server = _serve(sock, app, on_served, limits, name, service)
     except BaseException:
-        server.server_close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        sock.close()
+        if bound:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         raise
     return RunningServer(server, path)
 
@@ -332,12 +416,13 @@ def serve_unix(path: str, app: App, on_served: OnServed, limits: Limits, name: s
 def serve_tcp(
     host: str, port: int, app: App, on_served: OnServed, limits: Limits, name: str, service: str
 ) -> RunningServer:
-    server = TCPHTTPServer((host, port), _Handler, bind_and_activate=False)
-    server._setup_fabric(app, on_served, limits, name, service)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        server.server_bind()
-        server.server_activate()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(limits.backlog)
+        server = _serve(sock, app, on_served, limits, name, service)
     except BaseException:
-        server.server_close()
+        sock.close()
         raise
     return RunningServer(server)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagekit.fabric import documents as docs
-from imagekit.fabric.http import Request, Response
+from imagekit.fabric.http import Request, Response, escape
 from imagekit.fabric.identity import VMIdentity
 from imagekit.fabric.state import FabricState, HealthReportError, parse_health_report
 from imagekit.ovf import ProvisioningProfile
@@ -24,6 +24,11 @@ XML = "text/xml; charset=utf-8"
 JSON = "application/json; charset=utf-8"
 
 IMDS_HEADER_ERROR = "Bad request. Required metadata header not specified"
+# Azure's IMDS documentation ("Security and authentication"): a request must not carry X-Forwarded-For,
+# and one that does "will be rejected by the service". It gives no status or body for that case; 400 is
+# the status its error table gives for a request that breaks the header rules, the wording is ours.
+IMDS_FORWARDED_ERROR = "Bad request. Requests with an X-Forwarded-For header are not accepted"
+IMDS_MAX_INDEX_DIGITS = 6
 IMDS_VERSION_ERROR = (
     "Bad request. api-version is invalid or was not specified in the request. "
     "For more information refer to aka.ms/azureimds"
@@ -93,9 +98,10 @@ class FabricApps:
         try:
             report = parse_health_report(req.body, self.identity.container_id, self._instance_id)
         except HealthReportError as exc:
-            log.warning("%s: refused a health report: %s", self.name, exc)
-            return _text(400, f"Bad request: invalid health report: {exc}")
+            log.warning("%s: refused a health report: %s", self.name, escape(str(exc), 512))
+            return _text(400, f"Bad request: invalid health report: {escape(str(exc), 512)}")
         # The state and the agent's own description: what the harness waits for and what a failure says.
+        # str(report) escapes the guest's text and bounds it.
         log.info("%s: the guest agent reported %s", self.name, report)
         self.state.record_report(report)
         return Response(200)
@@ -119,6 +125,8 @@ class FabricApps:
                 doc = json.loads(req.body)
             except ValueError:
                 return _text(400, "Bad request: status is not JSON")
+            except RecursionError:
+                return _text(400, "Bad request: status JSON is nested too deeply")
             if not isinstance(doc, dict) or "content" not in doc:
                 return _text(400, "Bad request: status has no content")
             self.state.record_status(req.body)
@@ -133,6 +141,8 @@ class FabricApps:
         path = req.path.rstrip("/") or "/"
         if not path.startswith("/metadata"):
             return self._imds_error(404, "Not found")
+        if req.header("X-Forwarded-For") is not None:
+            return self._imds_error(400, IMDS_FORWARDED_ERROR)
         if (req.header("Metadata") or "").strip().lower() != "true":
             return self._imds_error(400, IMDS_HEADER_ERROR)
         if self._only(req, "GET"):
@@ -150,7 +160,13 @@ class FabricApps:
         for part in path.split("/")[3:]:
             if isinstance(node, dict) and part in node:
                 node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            elif (
+                isinstance(node, list)
+                and part.isascii()
+                and part.isdigit()
+                and len(part) <= IMDS_MAX_INDEX_DIGITS
+                and int(part) < len(node)
+            ):
                 node = node[int(part)]
             else:
                 return self._imds_error(404, "Not found")
