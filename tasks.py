@@ -171,15 +171,17 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
     """
     from pathlib import Path
 
+    from imagekit import distros as table
     from imagekit.ovf import CUSTOM_DATA_MAX, read_input_file, validate_custom_data
     from imagekit.provision import provision as provision_vm
 
+    d = table.get(distro)
     data = None
     if custom_data:
         data = read_input_file(Path(custom_data), "--custom-data", CUSTOM_DATA_MAX,
                                f"a file of 1-{CUSTOM_DATA_MAX} bytes (Azure's CustomData limit)")
         validate_custom_data(data)
-    with provision_vm(distro, custom_data=data, keep=keep, workdir=Path(workdir) if workdir else None,
+    with provision_vm(d, custom_data=data, keep=keep, workdir=Path(workdir) if workdir else None,
                       memory_mib=memory, cpus=cpus) as pvm:
         who = pvm.guest.run("id -un; hostname; systemd-detect-virt", sudo=False).stdout.split()
         print(f"{pvm.vm.name}: provisioned by {pvm.distro.agent.value}; logged in as {' '.join(who[:1])} "

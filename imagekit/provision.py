@@ -2,7 +2,7 @@
 
 ::
 
-    with provision("debian-12") as pvm:
+    with provision(distros.get("debian-12")) as pvm:
         print(pvm.guest.run("systemd-detect-virt").stdout)
 
 The base image never changes: the VM boots a qcow2 overlay on it. The image's own agent provisions it
@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagekit import distros, qemu
 from imagekit import kept as kept_vms
+from imagekit import qemu
 from imagekit.distros import Agent, Distro
 from imagekit.errors import ProvisioningError
 from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
@@ -138,9 +138,116 @@ def _check_waagent_provisioned(vm: VM, fabric: Fabric) -> None:
         hint="generalize the image with 'waagent -force -deprovision+user' before capturing it")
 
 
+@dataclass
+class _Media:
+    """What the VM boots from, made before launch in its private directory (removed with it)."""
+
+    profile: ProvisioningProfile
+    key_path: Path
+    overlay: Path
+    resource_disk: Path
+    iso: Path
+
+
+def _profile_for(profile: ProvisioningProfile | None, *, hostname: str, username: str, public_key: str,
+                 custom_data: bytes | None) -> ProvisioningProfile:
+    """The given profile with the harness's throwaway key added, or a default one for ``username``."""
+    if profile is None:
+        return ProvisioningProfile.create(hostname=hostname, username=username, ssh_public_keys=[public_key],
+                                          custom_data=custom_data)
+    return dataclasses.replace(profile, ssh_public_keys=(*profile.ssh_public_keys, public_key),
+                               custom_data=profile.custom_data if custom_data is None else custom_data)
+
+
+def _write_iso(profile: ProvisioningProfile, iso: Path, ovf_transform: Callable[[str], str] | None) -> None:
+    if ovf_transform is None:
+        write_ovf_iso(profile, iso)
+        return
+    xml = ovf_transform(render_ovf_env(profile))
+    fd = os.open(iso, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(build_iso_bytes(xml.encode()))
+
+
+def _prepare_media(private: Path, base_image: Path, profile: ProvisioningProfile | None, *, hostname: str,
+                   username: str, custom_data: bytes | None, resource_disk_mib: int,
+                   ovf_transform: Callable[[str], str] | None) -> _Media:
+    """Pre-launch: the throwaway SSH key, the profile, the OS disk overlay, the resource disk and the OVF ISO."""
+    key_path, public_key = generate_keypair(private)
+    prof = _profile_for(profile, hostname=hostname, username=username, public_key=public_key,
+                        custom_data=custom_data)
+    overlay = private / "os.qcow2"
+    _make_overlay(base_image, overlay)
+    resource = create_resource_disk(private / "resource.raw", resource_disk_mib)
+    iso = private / "ovf.iso"
+    _write_iso(prof, iso, ovf_transform)
+    return _Media(profile=prof, key_path=key_path, overlay=overlay, resource_disk=resource, iso=iso)
+
+
+def _guest_network(fabric: Fabric, sockdir: Path, mac: str, hostname: str) -> GuestNetwork:
+    """Start the VM's own fabric on Unix sockets in its private directory; the namespace relays to them."""
+    sockdir.mkdir(mode=0o700)
+    paths = fabric.start(sockdir)
+    return GuestNetwork(mac=mac, hostname=hostname, wire_socket=paths.wire, hostga_socket=paths.hostga,
+                        imds_socket=paths.imds, dns_names=fabric.dns_names())
+
+
+def _wait_provisioned(vm: VM, fabric: Fabric, distro: Distro, timeout: float) -> ReportedState:
+    """Post-launch: the agent's Ready report (or its own failure), and for waagent proof it provisioned."""
+    ready = _wait_ready(vm, fabric, timeout)
+    if distro.agent is Agent.WAAGENT:
+        _check_waagent_provisioned(vm, fabric)
+    vm.mark("ready")
+    return ready
+
+
+def _host_key_policy(vm: VM, distro: Distro, ssh_timeout: float) -> HostKeyPolicy:
+    if distro.agent is not Agent.CLOUD_INIT:
+        return HostKeyPolicy()
+    # cloud-init prints the host keys late (final stage), after creating the user: waiting for them is also
+    # waiting for the user, and lets the first login check the host key.
+    vm.wait_console(_KEYS_ON_CONSOLE, timeout=ssh_timeout, what="cloud-init's SSH host keys on the serial console")
+    vm.mark("host keys on console")
+
+    def reported() -> ReportedHostKeys:
+        return host_keys_from_console(vm.console_text())
+
+    return HostKeyPolicy(reported=reported)
+
+
+def _login(vm: VM, distro: Distro, media: _Media, ssh_timeout: float) -> tuple[SSHGuest, HostKeyPolicy]:
+    """Post-launch: log in over SSH as the provisioned user with the throwaway key."""
+    policy = _host_key_policy(vm, distro, ssh_timeout)
+    if vm.ssh_socket is None:
+        raise ProvisioningError(f"VM {vm.name}: no SSH socket (the VM did not start its SSH relay)")
+    guest = SSHGuest(vm.ssh_socket, media.profile.username, load_private_key(media.key_path), policy=policy,
+                     name=vm.name, sudo_password=media.profile.password)
+    try:
+        guest.connect(ssh_timeout, alive=vm.check)
+    except SSHTimeout as exc:
+        raise ProvisioningError(f"VM {vm.name}: {exc.message}", console_tail=vm.console_tail(),
+                                hint=f"full console log: {vm.console_log}") from exc
+    vm.mark("ssh ready")
+    return guest, policy
+
+
+def _hand_over(pvm: ProvisionedVM, private: Path) -> Keeper:
+    """Keep: the VM outlives this process, so its fabric must too (as Azure's does). A failed handover
+    raises, and the VM is torn down like any failed run."""
+    vm = pvm.vm
+    vm.check()
+    if vm.child_pid is None:
+        raise ProvisioningError(f"VM {vm.name}: cannot keep it: its namespace child is gone")
+    keeper = hand_over(pvm.fabric, watch_pid=vm.child_pid, log_path=pvm.run_dir / "fabric-keeper.log")
+    kept_vms.record(private, name=vm.name, distro=pvm.distro.id, run_dir=pvm.run_dir,
+                    ssh_command=pvm.ssh_command(), child_pid=vm.child_pid, qemu_pid=vm.qemu_pid,
+                    keeper_pid=keeper.pid)
+    return keeper
+
+
 @contextlib.contextmanager
 def provision(
-    distro: str | Distro,
+    distro: Distro,
     *,
     profile: ProvisioningProfile | None = None,
     custom_data: bytes | None = None,
@@ -168,108 +275,59 @@ def provision(
     (:mod:`imagekit.fabric.keeper`) until the VM exits. ``ovf_transform`` rewrites the rendered
     ovf-env.xml before it goes on the ISO (fault tests: an OVF the agent must reject; the fabric still
     serves ``profile``).
+
+    The phases: pre-launch (:func:`_prepare_media`), launch (the fabric, then QEMU in its namespace),
+    post-launch (:func:`_wait_provisioned`, :func:`_login`), the caller's block, then keep
+    (:func:`_hand_over`) or shut down; the private directory goes either way unless the VM is kept.
     """
-    d = distros.get(distro) if isinstance(distro, str) else distro
     suffix = secrets.token_hex(3)
-    vm_name = name or f"{d.id}-{suffix}"
+    vm_name = name or f"{distro.id}-{suffix}"
     run_dir = Path(workdir) / vm_name if workdir else _default_run_dir(vm_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     timings = Timings()
-    vlog = logging.LoggerAdapter(log, {})
+    vlog: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
     if base_image is None:
         from imagekit.base import ensure_base
 
-        base_image = ensure_base(d).path
+        base_image = ensure_base(distro).path
     private = private_tmpdir(vm_name)
-    kept = False
     keeper: Keeper | None = None
     try:
-        key_path, public_key = generate_keypair(private)
-        hostname = profile.hostname if profile else f"ik-{suffix}"
-        if profile is None:
-            profile = ProvisioningProfile.create(hostname=hostname, username=username,
-                                                 ssh_public_keys=[public_key], custom_data=custom_data)
-        else:
-            profile = dataclasses.replace(
-                profile, ssh_public_keys=(*profile.ssh_public_keys, public_key),
-                custom_data=profile.custom_data if custom_data is None else custom_data)
-        overlay = private / "os.qcow2"
-        _make_overlay(Path(base_image), overlay)
-        resource = create_resource_disk(private / "resource.raw", resource_disk_mib)
-        iso = private / "ovf.iso"
-        if ovf_transform is None:
-            write_ovf_iso(profile, iso)
-        else:
-            xml = ovf_transform(render_ovf_env(profile))
-            fd = os.open(iso, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(build_iso_bytes(xml.encode()))
+        media = _prepare_media(private, Path(base_image), profile, hostname=profile.hostname if profile else
+                               f"ik-{suffix}", username=username, custom_data=custom_data,
+                               resource_disk_mib=resource_disk_mib, ovf_transform=ovf_transform)
         vm_uuid = uuid.uuid4()
         mac = qemu.random_mac()
         identity = VMIdentity(vm_uuid=vm_uuid, mac=mac, ip=qemu.GUEST_DHCP_START,
                               prefix_len=int(qemu.GUEST_NET.split("/")[1]))
-        sockdir = private / "fabric"
-        sockdir.mkdir(mode=0o700)
-        with Fabric(profile, identity, name=vm_name) as fabric:
-            paths = fabric.start(sockdir)
-            network = GuestNetwork(mac=mac, hostname=profile.hostname, wire_socket=paths.wire,
-                                   hostga_socket=paths.hostga, imds_socket=paths.imds,
-                                   dns_names=fabric.dns_names())
-            with VM(vm_name, run_dir=run_dir, memory_mib=memory_mib, cpus=cpus, os_disk=overlay, iso=iso,
-                    resource_disk=resource, network=network, accel=accel, vm_uuid=vm_uuid,
-                    private_dir=private, keep=keep, timings=timings) as vm:
-                vlog = vm.log  # type: ignore[assignment]
-                ready = _wait_ready(vm, fabric, ready_timeout)
-                if d.agent is Agent.WAAGENT:
-                    _check_waagent_provisioned(vm, fabric)
-                vm.mark("ready")
-                policy = HostKeyPolicy()
-                if d.agent is Agent.CLOUD_INIT:
-                    # cloud-init prints the host keys late (final stage), after creating the user: waiting for
-                    # them is also waiting for the user, and lets the first login check the host key.
-                    vm.wait_console(_KEYS_ON_CONSOLE, timeout=ssh_timeout,
-                                    what="cloud-init's SSH host keys on the serial console")
-                    vm.mark("host keys on console")
-
-                    def reported() -> ReportedHostKeys:
-                        return host_keys_from_console(vm.console_text())
-
-                    policy = HostKeyPolicy(reported=reported)
-                assert vm.ssh_socket is not None
-                guest = SSHGuest(vm.ssh_socket, profile.username, load_private_key(key_path), policy=policy,
-                                 name=vm_name, sudo_password=profile.password)
-                try:
-                    guest.connect(ssh_timeout, alive=vm.check)
-                except SSHTimeout as exc:
-                    raise ProvisioningError(f"VM {vm_name}: {exc.message}", console_tail=vm.console_tail(),
-                                            hint=f"full console log: {vm.console_log}") from exc
-                vm.mark("ssh ready")
-                pvm = ProvisionedVM(distro=d, vm=vm, fabric=fabric, guest=guest, profile=profile,
+        with Fabric(media.profile, identity, name=vm_name) as fabric:
+            network = _guest_network(fabric, private / "fabric", mac, media.profile.hostname)
+            with VM(vm_name, run_dir=run_dir, memory_mib=memory_mib, cpus=cpus, os_disk=media.overlay,
+                    iso=media.iso, resource_disk=media.resource_disk, network=network, accel=accel,
+                    vm_uuid=vm_uuid, private_dir=private, keep=keep, timings=timings) as vm:
+                vlog = vm.log
+                ready = _wait_provisioned(vm, fabric, distro, ready_timeout)
+                guest, policy = _login(vm, distro, media, ssh_timeout)
+                pvm = ProvisionedVM(distro=distro, vm=vm, fabric=fabric, guest=guest, profile=media.profile,
                                     timings=timings, console_log=vm.console_log, run_dir=run_dir,
-                                    private_key=key_path, host_key_source=policy.how, ready_report=ready)
+                                    private_key=media.key_path, host_key_source=policy.how, ready_report=ready)
                 try:
                     yield pvm
                 finally:
                     guest.close()
                 if keep:
-                    # The VM outlives this process; its fabric must too (as Azure's does). A failed
-                    # handover raises here, so the VM is torn down like any failed run.
-                    vm.check()
-                    assert vm.child_pid is not None
-                    keeper = hand_over(fabric, watch_pid=vm.child_pid, log_path=run_dir / "fabric-keeper.log")
-                    kept_vms.record(private, name=vm_name, distro=d.id, run_dir=run_dir,
-                                    ssh_command=pvm.ssh_command(), child_pid=vm.child_pid, qemu_pid=vm.qemu_pid,
-                                    keeper_pid=keeper.pid)
-            kept = keep
-            pvm.kept = kept
-            if kept:
-                assert keeper is not None
-                pvm.fabric_keeper = keeper
-                vlog.info("kept running (its fabric is served by process %d until the VM exits); log in with:\n  %s",
-                          keeper.pid, pvm.ssh_command())
+                    keeper = _hand_over(pvm, private)
+        if keeper is not None:
+            pvm.kept = True
+            pvm.fabric_keeper = keeper
+            vlog.info("kept running (its fabric is served by process %d until the VM exits); log in with:\n  %s",
+                      keeper.pid, pvm.ssh_command())
+    except BaseException:
+        if keeper is not None:
+            keeper.stop()
+            keeper = None
+        raise
     finally:
-        if not kept:
-            if keeper is not None:
-                keeper.stop()
+        if keeper is None:
             shutil.rmtree(private, ignore_errors=True)
         vlog.info("timings (s after QEMU start): %s", timings.as_dict())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import kept
+from imagekit import distros, kept
 from imagekit.errors import ProvisioningError, VMError
 from imagekit.paths import cache_dir
 from imagekit.provision import ProvisionedVM, provision
@@ -87,7 +87,7 @@ def _leftovers(name: str) -> list[str]:
 @pytest.fixture(scope="module", params=CONFIGS)
 def pvm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProvisionedVM]:
     workdir = tmp_path_factory.mktemp("prov")
-    with provision(request.param, workdir=workdir) as p:
+    with provision(distros.get(request.param), workdir=workdir) as p:
         yield p
     assert not p.private_key.exists(), "the throwaway private key outlived the VM"
     assert _leftovers(p.vm.name) == []
@@ -147,7 +147,7 @@ def test_ovf_the_agent_rejects_fails_with_its_description(tmp_path: Path) -> Non
 
     name = "debian-12-ovfbad-" + os.urandom(2).hex()
     with pytest.raises(ProvisioningError) as err, \
-            provision("debian-12", workdir=tmp_path, name=name, ovf_transform=drop_provision_guest_agent):
+            provision(distros.get("debian-12"), workdir=tmp_path, name=name, ovf_transform=drop_provision_guest_agent):
         pytest.fail("provisioning should have failed")
     # waagent's own words, relayed through its health report.
     assert "Failed to validate OVF: ProvisionGuestAgent not found" in str(err.value)
@@ -175,7 +175,7 @@ def test_qemu_killed_mid_run(tmp_path: Path) -> None:
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    with pytest.raises(VMError) as err, provision("debian-12", workdir=tmp_path, name=name):
+    with pytest.raises(VMError) as err, provision(distros.get("debian-12"), workdir=tmp_path, name=name):
         pytest.fail("provisioning should have failed")
     t.join(10)
     assert killed, "the test did not find the QEMU process to kill"
@@ -191,7 +191,8 @@ def test_ssh_never_comes_up(tmp_path: Path) -> None:
     custom = b"#cloud-config\nbootcmd:\n  - [systemctl, mask, --now, ssh.service, ssh.socket]\n"
     name = "debian-12-cloudinit-nossh-" + os.urandom(2).hex()
     with pytest.raises(ProvisioningError) as err, \
-            provision("debian-12-cloudinit", workdir=tmp_path, name=name, custom_data=custom, ssh_timeout=90):
+            provision(distros.get("debian-12-cloudinit"), workdir=tmp_path, name=name, custom_data=custom,
+                      ssh_timeout=90):
         pytest.fail("SSH should never have come up")
     msg = str(err.value)
     assert "did not succeed within 90 s" in msg
@@ -218,7 +219,7 @@ print(json.dumps({
 
 def test_a_kept_vm_keeps_its_fabric_until_it_is_stopped(tmp_path: Path) -> None:
     name = "debian-12-kept-" + os.urandom(2).hex()
-    with provision("debian-12", workdir=tmp_path, name=name, keep=True) as p:
+    with provision(distros.get("debian-12"), workdir=tmp_path, name=name, keep=True) as p:
         pass
     assert p.kept and p.fabric_keeper is not None
     keeper = p.fabric_keeper
