@@ -140,8 +140,9 @@ def base(c: Context, distro: str = "debian-12", rebuild: bool = False, prune: bo
     The image is read-only: put a qcow2 overlay on it, never write to it.
     """
     from imagekit import base as base_images
+    from imagekit import distros as table
 
-    img = base_images.ensure_base(distro, rebuild=rebuild)
+    img = base_images.ensure_base(table.get(distro), rebuild=rebuild)
     if prune:
         for old in base_images.prune(img.distro_id):
             print(f"removed {old}")

@@ -14,13 +14,13 @@ import pytest
 from imagekit import distros
 from imagekit.base import (
     MIN_FREE_MIB,
-    _check_free_space,
-    _is_enospc,
     apt,
     cache,
+    check_free_space,
     customize,
     disk,
     ensure_base,
+    is_enospc,
     static_inputs,
 )
 from imagekit.base.inspect import open_image
@@ -34,7 +34,7 @@ BOOTSTRAP_IDS = ("debian-11", "debian-12", "debian-12-cloudinit", "debian-13", "
 
 def test_unknown_distro_names_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(InputError) as exc:
-        ensure_base("debian-99", cache=tmp_path)
+        ensure_base(distros.get("debian-99"), cache=tmp_path)
     msg = str(exc.value)
     assert "debian-99" in msg
     for known in BOOTSTRAP_IDS:
@@ -44,18 +44,18 @@ def test_unknown_distro_names_the_known_ones(tmp_path: Path) -> None:
 
 def test_too_little_free_space_is_refused_before_building(tmp_path: Path) -> None:
     with pytest.raises(BuildError) as exc:
-        _check_free_space(tmp_path, 1 << 40)
+        check_free_space(tmp_path, 1 << 40)
     assert "not enough free space" in str(exc.value) and str(tmp_path) in str(exc.value)
     assert MIN_FREE_MIB >= 2048
 
 
 def test_enospc_is_recognised_in_errno_and_command_output() -> None:
-    assert _is_enospc(OSError(28, "No space left on device"))
-    assert _is_enospc(CommandError(["mkfs.ext4"], 1, "", "mkfs.ext4: Could not allocate block in ext2 filesystem"))
-    assert _is_enospc(CommandError(["mmdebstrap"], 1, "", "E: write error: No space left on device"))
-    assert _is_enospc(CommandError(["mmdebstrap"], 1, "", "E: You don't have enough free space in /x/"))
-    assert not _is_enospc(CommandError(["mmdebstrap"], 1, "", "E: Unable to locate package foo"))
-    assert not _is_enospc(OSError(13, "Permission denied"))
+    assert is_enospc(OSError(28, "No space left on device"))
+    assert is_enospc(CommandError(["mkfs.ext4"], 1, "", "mkfs.ext4: Could not allocate block in ext2 filesystem"))
+    assert is_enospc(CommandError(["mmdebstrap"], 1, "", "E: write error: No space left on device"))
+    assert is_enospc(CommandError(["mmdebstrap"], 1, "", "E: You don't have enough free space in /x/"))
+    assert not is_enospc(CommandError(["mmdebstrap"], 1, "", "E: Unable to locate package foo"))
+    assert not is_enospc(OSError(13, "Permission denied"))
 
 
 # --- apt sources --------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_unreachable_mirror_falls_back_to_an_image_built_from_the_same_inputs(
     monkeypatch.setenv("IMAGEKIT_DEBIAN_MIRROR", "http://mirror.invalid/debian")
     monkeypatch.setattr(apt, "archive_fingerprint", offline)
     with pytest.raises(HostError, match="cannot reach"):
-        ensure_base("debian-12", cache=tmp_path)  # nothing cached: the error stands
+        ensure_base(distros.get("debian-12"), cache=tmp_path)  # nothing cached: the error stands
     d = distros.get("debian-12")
     entry = cache.entry_dir(tmp_path / "base", d.id, "e" * 64)
     entry.mkdir(parents=True)
@@ -375,5 +375,5 @@ def test_unreachable_mirror_falls_back_to_an_image_built_from_the_same_inputs(
     cache.write_json_atomic(entry / cache.META_NAME, {
         "distro_id": d.id, "key": "e" * 64, "static_key": cache.compute_key(static_inputs(d)),
         "created": "2026-11-22T00:00:00+00:00", "kernel": "6.1.0-x", "packages": {"waagent": "1"}})
-    img = ensure_base("debian-12", cache=tmp_path)
+    img = ensure_base(distros.get("debian-12"), cache=tmp_path)
     assert img.cached and img.path == entry / cache.IMAGE_NAME and img.kernel == "6.1.0-x"

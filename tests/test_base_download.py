@@ -234,7 +234,7 @@ def _entry(site: Site, name: str, *, like: str = "debian-12", **changes: object)
 @pytest.fixture(scope="module")
 def vendor_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The debian-12 base image, zstd-compressed like a vendor would publish it, and its sha256."""
-    base = ensure_base("debian-12")
+    base = ensure_base(distros.get("debian-12"))
     out = tmp_path_factory.mktemp("vendor") / "debian-12-azure.qcow2.zst"
     subprocess.run(["zstd", "-q", "-1", "-T2", str(base.path), "-o", str(out)], check=True)
     h = hashlib.sha256()

@@ -34,7 +34,7 @@ HYPERV_SMBIOS = "type=1,manufacturer=Microsoft Corporation,product=Virtual Machi
 
 @pytest.fixture(scope="module", params=BOOTED)
 def image(request: pytest.FixtureRequest) -> BaseImage:
-    return ensure_base(request.param)
+    return ensure_base(distros.get(request.param))
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -160,9 +160,9 @@ def test_image_boots_through_grub_to_a_login_prompt(image: BaseImage, tmp_path: 
 
 
 def test_unchanged_inputs_come_from_the_cache_untouched() -> None:
-    first = ensure_base("debian-12")
+    first = ensure_base(distros.get("debian-12"))
     mtime = first.path.stat().st_mtime_ns
-    again = ensure_base("debian-12")
+    again = ensure_base(distros.get("debian-12"))
     assert again.cached and again.path == first.path and again.key == first.key
     assert again.path.stat().st_mtime_ns == mtime
 
@@ -196,13 +196,13 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 def test_too_small_a_cache_disk_is_refused_up_front(tmpfs: Path) -> None:
     with pytest.raises(BuildError, match="not enough free space"):
-        ensure_base("debian-12", cache=tmpfs)
+        ensure_base(distros.get("debian-12"), cache=tmpfs)
     assert cache.entries(tmpfs / "base", "debian-12") == []
 
 
 def test_a_disk_that_fills_up_mid_build_leaves_no_entry_and_nothing_mounted(tmpfs: Path) -> None:
     with pytest.raises(BuildError) as exc:
-        ensure_base("debian-12", cache=tmpfs, min_free_mib=0)
+        ensure_base(distros.get("debian-12"), cache=tmpfs, min_free_mib=0)
     assert "no space left" in str(exc.value)
     ddir = tmpfs / "base" / "debian-12"
     assert cache.entries(tmpfs / "base", "debian-12") == []
@@ -212,7 +212,7 @@ def test_a_disk_that_fills_up_mid_build_leaves_no_entry_and_nothing_mounted(tmpf
 
 def test_ctrl_c_during_the_bootstrap_leaves_nothing_behind(tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from imagekit.base import ensure_base; "
-            "ensure_base('debian-13', cache=Path(sys.argv[1]))")
+            "from imagekit import distros; ensure_base(distros.get('debian-13'), cache=Path(sys.argv[1]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ddir = tmp_path / "base" / "debian-13"

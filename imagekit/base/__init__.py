@@ -13,153 +13,42 @@ built from the same other inputs is used (with a warning).
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
-import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import imagekit
-from imagekit import distros
-from imagekit.base import apt
+from imagekit.base import apt, bootstrap, download
 from imagekit.base import cache as cache_mod
+from imagekit.base.inputs import (
+    MIN_FREE_MIB,
+    BaseImage,
+    check_free_space,
+    is_enospc,
+    recipe_hash,
+    static_inputs,
+    tool_versions,
+)
 from imagekit.distros import Distro, SourceKind
 from imagekit.errors import BuildError, CommandError, HostError
 from imagekit.log import Timings, step
-from imagekit.run import run
 
 log = logging.getLogger("imagekit.base")
 
-# Modules whose code decides the bytes of a bootstrapped image: part of the cache key.
-_RECIPE_FILES = ("apt.py", "bootstrap.py", "customize.py", "disk.py")
-_DOWNLOAD_RECIPE_FILES = ("download.py", "offline.py", "customize.py", "disk.py")
-# A bootstrap needs the root tree (~0.5-1 GiB), the disk's data (the same again) and the qcow2.
-MIN_FREE_MIB = 3 * 1024
-
-
-@dataclass(frozen=True)
-class BaseImage:
-    """A cached base image. ``path`` is read-only: create overlays on it, never modify it."""
-
-    distro_id: str
-    key: str
-    path: Path
-    meta: Path
-    packages: Mapping[str, str]
-    kernel: str
-    source: str  # "bootstrap" or "download"
-    root_uuid: str
-    kernel_cmdline: str
-    disk_size_mib: int
-    created: str
-    timings: Mapping[str, float] = field(default_factory=dict)
-    cached: bool = False  # True when this call found it in the cache
-
-    @classmethod
-    def from_meta(cls, entry: Path, meta: Mapping[str, Any], *, cached: bool) -> BaseImage:
-        return cls(
-            distro_id=str(meta["distro_id"]),
-            key=str(meta["key"]),
-            path=entry / cache_mod.IMAGE_NAME,
-            meta=entry / cache_mod.META_NAME,
-            packages=dict(meta.get("packages", {})),
-            kernel=str(meta.get("kernel", "")),
-            source=str(meta.get("source", "")),
-            root_uuid=str(meta.get("root_uuid", "")),
-            kernel_cmdline=str(meta.get("kernel_cmdline", "")),
-            disk_size_mib=int(meta.get("disk_size_mib", 0)),
-            created=str(meta.get("created", "")),
-            timings=dict(meta.get("timings", {})),
-            cached=cached,
-        )
-
-
-@functools.cache
-def recipe_hash(files: tuple[str, ...] = _RECIPE_FILES) -> str:
-    """Hash of the recipe's source, read once per process: the key must describe the code that runs,
-    not a file edited after it was imported."""
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in files:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def _tool_versions() -> dict[str, str]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            res = run(argv, check=False)
-        except HostError:
-            return "absent"
-        text = (res.stdout or res.stderr).strip()
-        return text.splitlines()[0] if text else ""
-
-    return {
-        "mmdebstrap": first_line(["mmdebstrap", "--version"]),
-        "mke2fs": first_line(["mke2fs", "-V"]),
-        "qemu-img": first_line(["qemu-img", "--version"]),
-    }
-
-
-def static_inputs(distro: Distro) -> dict[str, Any]:
-    """Every input except the archive state."""
-    bootstrap = distro.source.kind is SourceKind.BOOTSTRAP
-    return {
-        "distro": distro.as_dict(),
-        "toolkit": imagekit.__version__,
-        "recipe": recipe_hash(_RECIPE_FILES if bootstrap else _DOWNLOAD_RECIPE_FILES),
-        "tools": _tool_versions(),
-    }
-
-
-def _resolve(distro: str | Distro) -> Distro:
-    return distro if isinstance(distro, Distro) else distros.get(distro)
-
-
-def _check_free_space(path: Path, need_mib: int) -> None:
-    free = shutil.disk_usage(path).free // (1024 * 1024)
-    if free < need_mib:
-        raise BuildError(
-            f"not enough free space for a base image build in {path}: {free} MiB free, need about "
-            f"{need_mib} MiB",
-            hint="free some space, or point IMAGEKIT_CACHE at a larger file system",
-        )
-
-
-def _is_enospc(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    if isinstance(exc, CommandError):
-        text = (exc.stderr + exc.stdout).lower()
-        return any(m in text for m in ("no space left", "could not allocate block", "enough free space",
-                                       "file system full", "disk full"))
-    return False
-
-
-def ensure_base(distro: str | Distro, *, cache: Path | None = None, rebuild: bool = False,
+def ensure_base(distro: Distro, *, cache: Path | None = None, rebuild: bool = False,
                 min_free_mib: int = MIN_FREE_MIB) -> BaseImage:
-    """Return the cached base image of ``distro`` (an id or a :class:`Distro`), building it if needed.
+    """Return the cached base image of ``distro``, building it if needed.
 
     ``cache`` is the cache root (default :func:`imagekit.paths.cache_dir`); images live in
     ``<cache>/base/<distro-id>/<key>/``. ``rebuild`` forces a new build even when an entry exists.
     """
-    d = _resolve(distro)
-    if d.source.kind is SourceKind.DOWNLOAD:
-        from imagekit.base import download
-
-        return download.ensure_download(d, cache=cache, rebuild=rebuild)
-    return _ensure_bootstrap(d, cache=cache, rebuild=rebuild, min_free_mib=min_free_mib)
+    if distro.source.kind is SourceKind.DOWNLOAD:
+        return download.ensure_download(distro, cache=cache, rebuild=rebuild)
+    return _ensure_bootstrap(distro, cache=cache, rebuild=rebuild, min_free_mib=min_free_mib)
 
 
 def _ensure_bootstrap(d: Distro, *, cache: Path | None, rebuild: bool, min_free_mib: int) -> BaseImage:
-    from imagekit.base import bootstrap
-
     root = cache_mod.base_root(cache)
     static = static_inputs(d)
     static_key = cache_mod.compute_key(static)
@@ -183,7 +72,7 @@ def _ensure_bootstrap(d: Distro, *, cache: Path | None, rebuild: bool, min_free_
             log.info("base image %s is cached: %s", d.id, dest / cache_mod.IMAGE_NAME)
             return BaseImage.from_meta(dest, found, cached=True)
         cache_mod.remove_stale_builds(distro_dir)
-        _check_free_space(distro_dir, min_free_mib)
+        check_free_space(distro_dir, min_free_mib)
         timings = Timings()
         try:
             with step(f"Building base image {d.id}", timings), cache_mod.build_dir(distro_dir) as tmp:
@@ -205,7 +94,7 @@ def _ensure_bootstrap(d: Distro, *, cache: Path | None, rebuild: bool, min_free_
                     shutil.rmtree(dest)
                 cache_mod.publish(out, dest)
         except (OSError, CommandError) as exc:
-            if _is_enospc(exc):
+            if is_enospc(exc):
                 raise BuildError(
                     f"no space left on the device holding {distro_dir} while building {d.id}; "
                     "nothing was added to the cache",
@@ -247,3 +136,16 @@ def prune(distro_id: str, *, cache: Path | None = None, keep: int = 1) -> list[P
             shutil.rmtree(entry)
             removed.append(entry)
     return removed
+
+
+__all__ = [
+    "MIN_FREE_MIB",
+    "BaseImage",
+    "check_free_space",
+    "ensure_base",
+    "is_enospc",
+    "prune",
+    "recipe_hash",
+    "static_inputs",
+    "tool_versions",
+]

@@ -27,19 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 from imagekit.base import cache as cache_mod
-from imagekit.base import disk
+from imagekit.base import disk, offline
+from imagekit.base.inputs import BaseImage, check_free_space, is_enospc, static_inputs
 from imagekit.distros import Compression, Distro, ImageFormat
 from imagekit.errors import BuildError, HostError
 from imagekit.log import Timings, step
 from imagekit.paths import cache_dir
 from imagekit.run import run
-
-if TYPE_CHECKING:
-    from imagekit.base import BaseImage
 
 log = logging.getLogger("imagekit.base")
 
@@ -254,7 +252,6 @@ def root_partition(raw: Path) -> disk.Partition:
 def ensure_download(distro: Distro, *, cache: Path | None = None, rebuild: bool = False) -> BaseImage:
     """The base image of a download entry: cached by a key over the entry, the vendor's digest for the
     image, the recipe and the toolkit version."""
-    from imagekit.base import BaseImage, _check_free_space, _is_enospc, static_inputs
 
     src = distro.source
     if src.credentials:
@@ -286,7 +283,7 @@ def ensure_download(distro: Distro, *, cache: Path | None = None, rebuild: bool 
                 with step(f"Downloading and verifying {PurePosixPath(urlparse(src.url).path).name}", timings):
                     downloads.mkdir(parents=True, exist_ok=True)
                     got = fetch_verified(src.url, src.checksum_algorithm, digest, downloads)
-                _check_free_space(distro_dir, 2 * (got.path.stat().st_size >> 20) + 1024)
+                check_free_space(distro_dir, 2 * (got.path.stat().st_size >> 20) + 1024)
                 with cache_mod.build_dir(distro_dir) as tmp:
                     work, out = tmp / "work", tmp / "out"
                     work.mkdir()
@@ -302,7 +299,7 @@ def ensure_download(distro: Distro, *, cache: Path | None = None, rebuild: bool 
                     cache_mod.publish(out, dest)
         except (OSError, BuildError) as exc:
             cause = exc.__cause__ if isinstance(exc, BuildError) else exc
-            if _is_enospc(exc) or (cause is not None and _is_enospc(cause)):
+            if is_enospc(exc) or (cause is not None and is_enospc(cause)):
                 raise BuildError(f"no space left on the device holding {distro_dir} while preparing {distro.id}; "
                                  "nothing was added to the cache",
                                  hint="free some space, or point IMAGEKIT_CACHE at a larger file system") from exc
@@ -311,7 +308,6 @@ def ensure_download(distro: Distro, *, cache: Path | None = None, rebuild: bool 
 
 
 def _prepare(distro: Distro, original: Path, work: Path, out: Path, timings: Timings) -> dict[str, Any]:
-    from imagekit.base import offline
 
     src = distro.source
     unpacked = work / "image.orig"
