@@ -16,6 +16,13 @@ own loopback:
 * the harness reaches the guest's sshd through a Unix socket in the VM's private directory, relayed
   to QEMU's ``hostfwd`` port on 127.0.0.1.
 
+The guest is untrusted, so its connections are held to limits the harness's own are not: each guest
+endpoint (WireServer, HostGAPlugin, IMDS) takes at most ``guest_max_connections`` at once (the excess is
+closed at once) and a guest connection with no bytes either way for ``guest_idle_timeout`` seconds is
+closed. The harness's SSH relay has its own path, with no slots shared with the guest's and no idle
+deadline (an SSH session may rightly be quiet), so nothing a guest does to the fabric endpoints can
+block the harness's way in.
+
 There is no route to the internet, to the host's services or to other VMs (each VM has its own
 namespace). Nothing is named: the namespace dies with its last process. This child sets
 PR_SET_PDEATHSIG on itself and QEMU, so killing the harness kills both.
@@ -50,7 +57,8 @@ log = logging.getLogger("imagekit.netns")
 
 PR_SET_PDEATHSIG = 1
 LOOPBACK_ALIASES = ("169.254.169.254/32",)
-MAX_RELAY_CONNECTIONS = 64
+GUEST_MAX_CONNECTIONS = 64  # per guest endpoint; the fabric itself takes more (Limits.max_connections)
+GUEST_IDLE_TIMEOUT = 30.0  # seconds without a byte either way
 _DNS_MAX = 4096
 
 
@@ -77,6 +85,9 @@ class NamespaceConfig:
     resolv_conf: str = ""
     # Outlive the harness (``provision --keep``): no parent-death signal on the child itself.
     detach: bool = False
+    # What each guest endpoint (each relay) allows; the SSH relay is not held to these.
+    guest_max_connections: int = GUEST_MAX_CONNECTIONS
+    guest_idle_timeout: float = GUEST_IDLE_TIMEOUT
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -126,11 +137,36 @@ def _emit(event: str, **fields: Any) -> None:
         sys.stdout.flush()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _Slots:
+    """A budget of concurrent connections; ``take`` never waits (over the budget, the caller refuses)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+
+class _Activity:
+    def __init__(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: _Activity) -> None:
+    loop = asyncio.get_running_loop()
     try:
         while data := await reader.read(65536):
+            activity.last = loop.time()
             writer.write(data)
             await writer.drain()
+            activity.last = loop.time()
         if writer.can_write_eof():
             writer.write_eof()
     except (ConnectionError, OSError):
@@ -139,25 +175,44 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 async def _splice(
     client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
-    open_target: Callable[[], Any], slots: asyncio.Semaphore, what: str,
+    open_target: Callable[[], Any], slots: _Slots | None, idle_timeout: float | None, what: str,
 ) -> None:
-    if slots.locked():
+    """Carry one connection to its target. ``slots``/``idle_timeout`` None: not limited (the harness's SSH)."""
+    if slots is not None and not slots.take():
+        log.info("relay %s: more than %d guest connections, refusing one", what, slots.limit)
         client_w.close()
         return
-    async with slots:
+    try:
         try:
             target_r, target_w = await asyncio.wait_for(open_target(), 10)
         except (TimeoutError, OSError) as exc:
             log.info("relay %s: target unreachable: %s", what, exc)
             client_w.close()
             return
+        activity = _Activity()
+        pipes = asyncio.gather(_pipe(client_r, target_w, activity), _pipe(target_r, client_w, activity))
         try:
-            await asyncio.gather(_pipe(client_r, target_w), _pipe(target_r, client_w))
+            if idle_timeout is None:
+                await pipes
+            else:
+                loop = asyncio.get_running_loop()
+                while not pipes.done():
+                    remaining = activity.last + idle_timeout - loop.time()
+                    if remaining <= 0:
+                        log.info("relay %s: a guest connection was idle for %g s, closing it", what, idle_timeout)
+                        break
+                    await asyncio.wait({pipes}, timeout=remaining)
         finally:
+            pipes.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pipes
             for w in (client_w, target_w):
                 w.close()
                 with contextlib.suppress(Exception):
-                    await w.wait_closed()
+                    await asyncio.wait_for(w.wait_closed(), 1.0)
+    finally:
+        if slots is not None:
+            slots.give()
 
 
 class _DNSProtocol(asyncio.DatagramProtocol):
@@ -190,19 +245,22 @@ def dns_answerer(names: Mapping[str, str]) -> Callable[[bytes], bytes | None]:
 async def start_services(config: NamespaceConfig) -> list[Any]:
     """Bind every relay and the DNS server; return the server objects (to close them)."""
     loop = asyncio.get_running_loop()
-    slots = asyncio.Semaphore(MAX_RELAY_CONNECTIONS)
     servers: list[Any] = []
     for relay in config.relays:
         target = relay.target
         opener = functools.partial(asyncio.open_unix_connection, target)
         what = f"{relay.host}:{relay.port}"
+        # Each guest endpoint has a budget of its own: filling one leaves the others reachable.
+        slots = _Slots(config.guest_max_connections)
         servers.append(await asyncio.start_server(
-            functools.partial(_splice, open_target=opener, slots=slots, what=what),
-            relay.host, relay.port, reuse_address=True))
+            functools.partial(_splice, open_target=opener, slots=slots,
+                              idle_timeout=config.guest_idle_timeout, what=what),
+            relay.host, relay.port, reuse_address=True, backlog=512))
     if config.ssh_socket:
         opener = functools.partial(asyncio.open_connection, "127.0.0.1", config.ssh_port)
         servers.append(await asyncio.start_unix_server(
-            functools.partial(_splice, open_target=opener, slots=slots, what="ssh"), config.ssh_socket))
+            functools.partial(_splice, open_target=opener, slots=None, idle_timeout=None, what="ssh"),
+            config.ssh_socket))
         os.chmod(config.ssh_socket, 0o600)
     if config.dns_names is not None:
         transport, _ = await loop.create_datagram_endpoint(

@@ -4,6 +4,7 @@ for document shapes; the agents' own code is exercised in test_fabric_agents.py.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -551,6 +552,220 @@ def test_connection_cap(sockdir: Path) -> None:
                     break
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
                 time.sleep(0.05)
+
+
+# --- a hostile guest (issue 9): every limit below is written here, not read from the product ---
+
+
+def test_what_a_guest_makes_the_harness_keep_and_log_is_bounded(sockdir: Path, caplog: Any) -> None:
+    caplog.set_level("INFO", logger="imagekit.fabric")
+    with _fabric() as fabric:  # default limits: bodies up to 1 MiB
+        paths = fabric.start(sockdir)
+        big = "d" * (1000 * 1000)
+        for _ in range(40):
+            assert _post_health(paths, _health_xml(fabric, "NotReady", "Provisioning", big)) == 200
+        for _ in range(40):
+            status, _, _ = request(paths.wire, "POST", "/machine?comp=telemetrydata", WIRE_HEADERS, b"t" * 1000_000)
+            assert status == 200
+        kept = fabric.reports()
+        # 40 MB of descriptions were sent; at most 2 MiB of them may be kept, each cut with a marker.
+        assert sum(len(r.description or "") for r in kept) <= 2 * 1024 * 1024
+        assert kept and all("truncated" in (r.description or "") for r in kept)
+        assert sum(len(b) for b in fabric.state.telemetry()) <= 8 * 1024 * 1024
+        assert fabric.state.stored_bytes() <= 16 * 1024 * 1024
+    # The log says each report in a bounded line: 40 reports, at most 4 KiB each.
+    report_lines = [r.getMessage() for r in caplog.records if "reported" in r.getMessage()]
+    assert len(report_lines) == 40 and all(len(line) <= 4096 for line in report_lines)
+
+
+def _entity_bomb(fabric: Fabric) -> str:
+    entities = '<!ENTITY a "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa">' + "".join(
+        f'<!ENTITY {n} "{("&" + p + ";") * 10}">' for p, n in zip("abcd", "bcde", strict=True)
+    )
+    doc = _health_xml(fabric, "NotReady", "Provisioning", "&e;").decode()
+    doc = doc.replace('<?xml version="1.0" encoding="utf-8"?>', "")
+    return f"<!DOCTYPE Health [{entities}]>{doc}"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8"])
+def test_a_dtd_is_refused_whatever_the_encoding(running: tuple[Fabric, SocketPaths], encoding: str) -> None:
+    fabric, paths = running
+    text = f'<?xml version="1.0" encoding="{encoding.upper()}"?>' + _entity_bomb(fabric)
+    body = text.encode(encoding)
+    if encoding == "utf-16-be":
+        body = b"\xfe\xff" + body  # with its byte-order mark, as XML requires of UTF-16
+    assert len(body) < SMALL.max_body
+    assert _post_health(paths, body) == 400
+    assert fabric.reports() == []
+
+
+@pytest.mark.parametrize("encoding", ["x-no-such-encoding", "shift_jis", "utf-32", "big5"])
+def test_a_health_report_in_an_unknown_or_multibyte_encoding_is_a_400(
+    running: tuple[Fabric, SocketPaths], encoding: str
+) -> None:
+    fabric, paths = running
+    body = _health_xml(fabric, "Ready").replace(b'encoding="utf-8"', f'encoding="{encoding}"'.encode())
+    status, _, answer = request(paths.wire, "POST", "/machine?comp=health", WIRE_HEADERS, body)
+    assert status == 400 and b"encoding" in answer
+    assert fabric.reports() == []
+
+
+@pytest.mark.parametrize("length", ["²".encode(), "١٢".encode(), b"9" * 5000, b"0x10", b"+5"])
+def test_a_content_length_of_other_than_ascii_digits_or_absurdly_long_is_a_recorded_400(
+    running: tuple[Fabric, SocketPaths], length: bytes
+) -> None:
+    fabric, paths = running
+    head = b"POST /machine?comp=health HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\nhello"
+    assert _status(raw(paths.wire, head)) == 400
+    assert fabric.requests()[-1].status == 400
+    assert request(paths.wire, "GET", "/?comp=versions")[0] == 200
+
+
+@pytest.mark.parametrize("index", ["%C2%B2", "%D9%A1", "9" * 5000, "-1", "0x0"])
+def test_imds_list_indexes_that_are_not_small_ascii_numbers_are_not_found(
+    running: tuple[Fabric, SocketPaths], index: str
+) -> None:
+    _, paths = running
+    target = f"/metadata/instance/network/interface/{index}?api-version=2021-02-01"
+    status, ctype, body = request(paths.imds, "GET", target, IMDS)
+    assert status == 404 and ctype.startswith("application/json") and "error" in json.loads(body)
+    ok = request(paths.imds, "GET", "/metadata/instance/network/interface/0?api-version=2021-02-01", IMDS)
+    assert ok[0] == 200 and "macAddress" in json.loads(ok[2])
+
+
+def test_deeply_nested_status_json_is_a_400(running: tuple[Fabric, SocketPaths]) -> None:
+    fabric, paths = running
+    body = b'{"content": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    assert len(body) < SMALL.max_body
+    status, _, _ = request(paths.hostga, "PUT", "/status", {}, body)
+    assert status == 400
+    assert fabric.state.status_uploads() == []
+
+
+def test_imds_refuses_a_request_carrying_x_forwarded_for(running: tuple[Fabric, SocketPaths]) -> None:
+    # Azure's IMDS documentation, "Security and authentication": requests must not contain an
+    # X-Forwarded-For header; any that does is rejected.
+    _, paths = running
+    target = "/metadata/instance?api-version=2021-02-01"
+    for value in ("10.0.0.9", "", "169.254.169.254, 10.1.1.1"):
+        status, ctype, body = request(paths.imds, "GET", target, {**IMDS, "X-Forwarded-For": value})
+        assert status == 400 and ctype.startswith("application/json") and "error" in json.loads(body)
+    assert request(paths.imds, "GET", target, IMDS)[0] == 200
+
+
+def test_guest_text_cannot_forge_a_log_line(running: tuple[Fabric, SocketPaths], caplog: Any) -> None:
+    fabric, paths = running
+    caplog.set_level("DEBUG", logger="imagekit.fabric")
+    forged = "Starting\n2026-01-01 00:00:00 I vm-a: the guest agent reported Ready\r\u2028\u0085x"
+    assert _post_health(paths, _health_xml(fabric, "NotReady", "Provisioning", forged)) == 200
+    bad_id = _health_xml(fabric, "Ready").replace(
+        fabric.identity.container_id.encode(), b"x\nthe guest agent reported Ready"
+    )
+    assert _post_health(paths, bad_id) == 400
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("reported NotReady" in m for m in messages)
+    for m in messages:
+        assert not any(ch in m for ch in "\n\r\u2028\u0085"), m
+    # The record itself keeps the agent's text as XML delivers it (line ends normalized), for the harness.
+    assert fabric.last_report is not None and fabric.last_report.description == forged.replace("\r", "\n")
+
+
+def test_a_burst_of_64_concurrent_requests_is_served(sockdir: Path) -> None:
+    import asyncio
+
+    with _fabric() as fabric:
+        paths = fabric.start(sockdir)
+
+        async def one() -> bytes:
+            # Non-blocking connects, as the namespace relay makes them: a full backlog fails at once.
+            r, w = await asyncio.open_unix_connection(str(paths.wire))
+            w.write(b"GET /?comp=versions HTTP/1.1\r\nHost: 168.63.129.16\r\n\r\n")
+            data = await asyncio.wait_for(r.read(), 30)
+            w.close()
+            return data
+
+        async def burst() -> list[bytes | BaseException]:
+            return await asyncio.gather(*(one() for _ in range(64)), return_exceptions=True)
+
+        answers = asyncio.run(burst())
+    failed = [a for a in answers if not (isinstance(a, bytes) and a.startswith(b"HTTP/1.1 200 "))]
+    assert failed == [], f"{len(failed)} of 64 failed: {failed[:3]}"
+
+
+def test_trickling_connections_do_not_stop_the_server(sockdir: Path) -> None:
+    # 48 clients each send a request head a byte at a time, within the read timeout, and never finish.
+    limits = Limits(read_timeout=5.0, connection_deadline=120.0)
+    with _fabric(limits=limits) as fabric:
+        paths = fabric.start(sockdir)
+        stop = threading.Event()
+        held: list[socket.socket] = []
+        for _ in range(48):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect(str(paths.wire))
+            held.append(s)
+
+        def trickle() -> None:
+            while not stop.is_set():
+                for s in held:
+                    with contextlib.suppress(OSError):
+                        s.send(b"G")
+                stop.wait(0.5)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        try:
+            time.sleep(1.0)  # let the server accept them all
+            status, _, body = request(paths.wire, "GET", "/machine/?comp=goalstate")
+            assert status == 200 and b"<GoalState" in body
+            status, _, _ = request(paths.imds, "GET", "/metadata/instance?api-version=2021-02-01", IMDS)
+            assert status == 200
+        finally:
+            stop.set()
+            t.join()
+            for s in held:
+                s.close()
+
+
+def test_a_request_head_must_arrive_within_the_header_deadline(sockdir: Path) -> None:
+    # Each byte within the read timeout, but the head as a whole takes longer than header_timeout.
+    limits = Limits(read_timeout=2.0, header_timeout=1.0, connection_deadline=60.0)
+    with _fabric(limits=limits) as fabric:
+        paths = fabric.start(sockdir)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        try:
+            s.connect(str(paths.wire))
+            cut = False
+            for byte in b"GET /?comp=versions HTTP/1.1\r\nX-Slow: " + b"a" * 300:
+                try:
+                    s.send(bytes([byte]))
+                except OSError:
+                    cut = True
+                    break
+                time.sleep(0.1)
+            assert cut, "a head trickled over 30 s was not cut by a 1 s header deadline"
+        finally:
+            s.close()
+
+
+def test_connections_over_the_cap_are_refused_at_once_with_503(sockdir: Path) -> None:
+    limits = Limits(read_timeout=30.0, connection_deadline=60.0, max_connections=4)
+    with _fabric(limits=limits) as fabric:
+        paths = fabric.start(sockdir)
+        held = []
+        try:
+            for _ in range(4):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(paths.wire))
+                held.append(s)
+            time.sleep(0.5)  # accepted by the server
+            answer = raw(paths.wire, b"GET /?comp=versions HTTP/1.1\r\nHost: x\r\n\r\n", early_reply=True)
+            assert answer.startswith(b"HTTP/1.1 503 ")
+            assert fabric.requests()[-1].status == 503
+        finally:
+            for s in held:
+                s.close()
 
 
 # --- lifecycle and isolation ---

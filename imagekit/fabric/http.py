@@ -43,6 +43,7 @@ log = logging.getLogger("imagekit.fabric")
 _PRINTABLE = MappingProxyType({i: "?" for i in range(32)} | {127: "?"})
 _MAX_QUERY_FIELDS = 50
 _MAX_HEADERS = 100
+_LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -259,11 +260,13 @@ class _Exchange:
         await self.writer.drain()
         if self.writer.can_write_eof():
             self.writer.write_eof()
-        # Read what the client still sends (a refused body), so closing does not reset the connection
-        # before the client has read the answer; bounded by the connection deadline.
+        # Read what the client still sends (a refused body) for a moment, so that closing does not reset
+        # the connection before the client has read the answer; at most a second and max_body bytes.
         with contextlib.suppress(TimeoutError, ConnectionError, OSError):
-            while await asyncio.wait_for(self.reader.read(65536), min(self.limits.read_timeout, 1.0)):
-                pass
+            async with asyncio.timeout(_LINGER):
+                drained = 0
+                while drained <= self.limits.max_body and (data := await self.reader.read(65536)):
+                    drained += len(data)
 
 
 class _Server:
