@@ -107,6 +107,17 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def remove_matching(root: Path, patterns: Collection[str]) -> None:
+    """Remove whatever matches each glob pattern under ``root`` (a directory with its contents; a symlink
+    itself, never what it points to)."""
+    for pattern in patterns:
+        for p in root.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
 def _installed(root: Path, package: str) -> bool:
     return (root / "var/lib/dpkg/info" / f"{package}.list").exists() or any(
         (root / "var/lib/dpkg/info").glob(f"{package}:*.list"))
@@ -204,13 +215,8 @@ def scrub_identity(root: Path) -> None:
             raise BuildError(f"user {fields[0]!r} has a password in the image; refusing to ship it")
         lines.append(":".join(fields))
     shadow.write_text("\n".join(lines) + "\n")
-    for pattern in ("root/.bash_history", "root/.ssh", "home/*/.bash_history", "home/*/.ssh",
-                    "root/.lesshst", "root/.python_history", "var/lib/systemd/random-seed"):
-        for p in root.glob(pattern):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    remove_matching(root, ("root/.bash_history", "root/.ssh", "home/*/.bash_history", "home/*/.ssh",
+                           "root/.lesshst", "root/.python_history", "var/lib/systemd/random-seed"))
     for p in (root / "home").glob("*"):
         raise BuildError(f"the image has a user home {p.name!r}; base images ship no users")
 
@@ -303,13 +309,8 @@ def verify_kernel_modules(root: Path, kver: str) -> list[str]:
 
 
 def final_cleanup(root: Path) -> None:
-    for pattern in ("var/cache/apt/*.bin", "var/lib/apt/lists/*_*", "var/cache/debconf/*-old",
-                    "var/lib/dpkg/*-old", "tmp/*", "var/tmp/*"):
-        for p in root.glob(pattern):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    remove_matching(root, ("var/cache/apt/*.bin", "var/lib/apt/lists/*_*", "var/cache/debconf/*-old",
+                           "var/lib/dpkg/*-old", "tmp/*", "var/tmp/*"))
     for log_file in (root / "var/log").rglob("*"):
         # Build-time logs describe the build host's run, not the VM's; keep the files, drop the content.
         if log_file.is_file() and not log_file.is_symlink():
