@@ -53,6 +53,13 @@ def test_debian_family_drops_rootdelay_and_dracut_families_keep_it() -> None:
             assert has, d.id
 
 
+def test_debian_entries_carry_the_hyperv_kvp_daemon() -> None:
+    # "Prepare a Debian VHD for Azure": verify that hyperv-daemons is installed before upload.
+    debian = [d for d in distros.default_table().values() if d.family is distros.Family.DEBIAN]
+    assert len(debian) == 5
+    assert [d.id for d in debian if "hyperv-daemons" not in d.source.packages] == []
+
+
 def test_unknown_distro_lists_the_known_ones() -> None:
     with pytest.raises(InputError) as exc:
         distros.get("debian-99")
