@@ -434,12 +434,13 @@ def scan_image(image: Path, fmt: str, inp: ScanInput, workdir: Path | None = Non
     return found
 
 
-def check_image(image: Path, fmt: str, inp: ScanInput, timings: Timings | None = None) -> None:
-    """:func:`scan_image`, raising :class:`LeakFound` when anything is found."""
+def check_image(image: Path, fmt: str, inp: ScanInput, timings: Timings | None = None) -> list[Finding]:
+    """:func:`scan_image`, raising :class:`LeakFound` when anything is found; returns the (empty) findings."""
     with step("offline leak scan", timings):
         findings = scan_image(image, fmt, inp)
         if findings:
             raise LeakFound(image, findings)
+    return findings
 
 
 def _scan_worker() -> int:

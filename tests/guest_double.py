@@ -13,14 +13,24 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from imagekit.checks import probes, standard
-from imagekit.checks.provisioning import OVF_COPY, PROVISIONED_MARKER
-from imagekit.checks.resource_disk import SWAP_LOG
+from imagekit.checks import probes, provisioning, standard
+from imagekit.checks.base import ABSENT, PROBE_OK
+from imagekit.checks.provisioning import OVF_COPY
+from imagekit.checks.resource_disk import SWAP_LOG, readme_cmd, swapfile_cmd
 from imagekit.checks.resource_setup import RESOURCE_DISK, SHIM_MARK
 from imagekit.guest import CommandResult
 from imagekit.ovf import ProvisioningProfile
 
 Answer = str | tuple[int, str, str]  # stdout, or (returncode, stdout, stderr)
+
+
+def ok(text: str = "") -> str:
+    """The output of a shell probe that ran to its end: ``text`` and the closing marker line."""
+    return text + PROBE_OK + "\n"
+
+
+def absent(path: str) -> str:
+    return f"{ABSENT} {path}\n"
 
 
 @dataclass
@@ -84,15 +94,20 @@ AutoUpdate.Enabled=y
 
 SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
 SWAPFILE = "/mnt/resource/swapfile"
-SWAP_STAT = (f"stat -c '%n %s bytes mode %a' {SWAPFILE}; findmnt -n -o SOURCE --target {SWAPFILE}")
-WAAGENT_LOG_GREP = ("grep -nE ' ERROR |Traceback|CRITICAL' /var/log/waagent.log; "
-                    f"grep -n '{SHIM_MARK}' /var/log/waagent.log | head -n 1; ls -l /var/log/waagent.log")
-CLOUD_INIT_LOG_GREP = ("grep -nE '\\[(ERROR|CRITICAL)\\]|Traceback|\\[WARNING\\].*([Ff]ail|[Ee]rror)' "
-                       "/var/log/cloud-init.log; ls -l /var/log/cloud-init.log")
-README_CMD = ("ls -l /mnt/resource/DATALOSS_WARNING_README.txt && head -n 3 /mnt/resource/DATALOSS_WARNING_README.txt "
-              "&& findmnt -n -o SOURCE --target /mnt/resource/DATALOSS_WARNING_README.txt")
-SERIAL_CMD = ("systemctl is-active serial-getty@ttyS0.service; systemctl is-enabled serial-getty@ttyS0.service "
-              "2>&1 | head -n 1")
+SWAP_STAT = swapfile_cmd(SWAPFILE)
+WAAGENT_LOG_GREP = standard.WAAGENT_LOG
+CLOUD_INIT_LOG_GREP = standard.CLOUD_INIT_LOG
+README_CMD = readme_cmd("/mnt/resource/DATALOSS_WARNING_README.txt")
+SERIAL_CMD = standard.SERIAL
+READLINK = probes.readlink_cmd(RESOURCE_DISK)
+USER_KEYS = probes.read_file("/home/azureuser/.ssh/authorized_keys")
+OVF_CAT = probes.read_file(OVF_COPY)
+
+
+def mounts(*rows: str) -> str:
+    """findmnt -rn -o TARGET,SOURCE,FSTYPE,OPTIONS: the root, the pseudo file systems, then ``rows``."""
+    return "\n".join(["/ /dev/sda1 ext4 rw,relatime,errors=remount-ro", "/proc proc proc rw,nosuid",
+                      "/sys sysfs sysfs rw,nosuid", "/run tmpfs tmpfs rw,nosuid,size=98312k", *rows]) + "\n"
 AGENT_SHOW = "systemctl show -p Id -p LoadState -p ActiveState -p SubState walinuxagent.service waagent.service"
 OVF_XML = """<?xml version="1.0" encoding="utf-8"?>
 <ns0:Environment xmlns:ns0="http://schemas.dmtf.org/ovf/environment/1" xmlns:ns1="http://schemas.microsoft.com/windowsazure">
@@ -117,17 +132,17 @@ SFDISK = json.dumps({"partitiontable": {"label": "dos", "id": "0x1d2e3f40", "dev
 def healthy_waagent() -> dict[str, Answer]:
     """A Debian 12 guest provisioned by waagent, resource disk formatted, 256 MiB swap file active."""
     return {
-        probes.WAAGENT_CONF: WAAGENT_CONF,
+        probes.WAAGENT_CONF: ok(WAAGENT_CONF),
         probes.LSBLK: lsblk(),
         probes.ROOT_SOURCE: "/dev/sda1 ext4\n",
         probes.PROC_SWAPS: SWAPS_HEADER + f"{SWAPFILE}                  file\t\t262140\t\t0\t\t-2\n",
-        probes.FSTAB: "UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n",
+        probes.FSTAB: ok("UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n"),
         probes.SSHD_T: SSHD_T,
         probes.CMDLINE: CMDLINE,
         probes.WAAGENT_VERSION: "WALinuxAgent - 2.7.3.0 running on debian 12\nPython: 3.11.2\n"
                                 "Goal state agent: 2.7.3.0\n",
-        f"readlink -e {RESOURCE_DISK}": "/dev/sdb\n",
-        "findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt/resource": "/dev/sdb1 ext4 rw,relatime\n",
+        READLINK: "/dev/sdb\n",
+        probes.MOUNTS: mounts("/mnt/resource /dev/sdb1 ext4 rw,relatime"),
         f"findmnt -n -o SOURCE --target {SWAPFILE}": "/dev/sdb1\n",
         SWAP_STAT: f"{SWAPFILE} 268435456 bytes mode 600\n/dev/sdb1\n",
         SWAP_LOG:
@@ -137,30 +152,31 @@ def healthy_waagent() -> dict[str, Answer]:
                     "WARNING: THIS IS A TEMPORARY DISK.\n\nAny data stored on this drive is SUBJECT TO LOSS\n"
                     "/dev/sdb1\n",
         "getent passwd azureuser": "azureuser:x:1000:1000::/home/azureuser:/bin/bash\n",
-        "cat /home/azureuser/.ssh/authorized_keys": KEY + "\n",
+        USER_KEYS: ok(KEY + "\n"),
         "hostname": "ikvm\n",
         "getent hosts ikvm || getent ahosts ikvm": "10.0.0.4        ikvm.internal.example ikvm\n",
         "sudo -l -U azureuser": "User azureuser may run the following commands on ikvm:\n    (ALL) NOPASSWD: ALL\n",
-        f"ls -l {PROVISIONED_MARKER} && cat {PROVISIONED_MARKER}":
-            f"-rw-r--r-- 1 root root 36 Nov 22 01:00 {PROVISIONED_MARKER}\nc0ffee00-1234-5678-9abc-def012345678\n",
-        f"cat {OVF_COPY}": OVF_XML,
+        provisioning.MARKER_CMD:
+            f"-rw-r--r-- 1 root root 36 Nov 22 01:00 {provisioning.PROVISIONED_MARKER}\n"
+            "c0ffee00-1234-5678-9abc-def012345678\n",
+        OVF_CAT: ok(OVF_XML),
         AGENT_SHOW: "Id=walinuxagent.service\nLoadState=loaded\nActiveState=active\nSubState=running\n\n"
                     "Id=waagent.service\nLoadState=not-found\nActiveState=inactive\nSubState=dead\n",
-        standard.HISTORY: "",
-        standard.ACCOUNTS: "user azureuser uid=1000 home=/home/azureuser\n"
-                           "keys azureuser /home/azureuser/.ssh/authorized_keys 1\n",
-        "uname -m; getconf LONG_BIT": "x86_64\n64\n",
-        "openssl version": "OpenSSL 3.0.15 3 Sep 2024 (Library: OpenSSL 3.0.15 3 Sep 2024)\n",
-        "python3 --version || python --version": "Python 3.11.2\n",
+        standard.HISTORY: ok(),
+        standard.ACCOUNTS: ok("user azureuser uid=1000 home=/home/azureuser\n"
+                              "keys azureuser /home/azureuser/.ssh/authorized_keys 1\n"),
+        standard.ARCH: "x86_64\n64\n",
+        standard.OPENSSL: "OpenSSL 3.0.15 3 Sep 2024 (Library: OpenSSL 3.0.15 3 Sep 2024)\n",
+        standard.PYTHON: "Python 3.11.2\n",
         "sfdisk -J /dev/sda": SFDISK,
-        standard.MODULES: "udf exit=0 insmod /lib/modules/6.1.0-28-cloud-amd64/kernel/fs/udf/udf.ko \n"
-                          "vfat exit=0 (loaded or built in)\n",
-        standard.INITRAMFS_HV: "initramfs: /boot/initrd.img-6.1.0-28-cloud-amd64\nhv_netvsc.ko\nhv_storvsc.ko\n"
-                               "hv_vmbus.ko\n",
-        WAAGENT_LOG_GREP: "12:2026-11-22T01:00:00Z ERROR Daemon Daemon Failed to mount resource disk "
-                          "[ResourceDiskError] unable to detect disk topology\n"
-                          f"40:2026-11-22T01:00:30Z INFO Daemon {SHIM_MARK}: device_for_ide_port(1) -> sdb\n"
-                          "-rw-r--r-- 1 root root 20480 Nov 22 01:01 /var/log/waagent.log\n",
+        standard.MODULES: ok("udf exit=0 insmod /lib/modules/6.1.0-28-cloud-amd64/kernel/fs/udf/udf.ko \n"
+                             "vfat exit=0 (loaded or built in)\n"),
+        standard.INITRAMFS_HV: ok("initramfs: /boot/initrd.img-6.1.0-28-cloud-amd64\nhv_netvsc.ko\nhv_storvsc.ko\n"
+                                  "hv_vmbus.ko\n"),
+        WAAGENT_LOG_GREP: ok("12:2026-11-22T01:00:00Z ERROR Daemon Daemon Failed to mount resource disk "
+                             "[ResourceDiskError] unable to detect disk topology\n"
+                             f"40:2026-11-22T01:00:30Z INFO Daemon {SHIM_MARK}: device_for_ide_port(1) -> sdb\n"
+                             "-rw-r--r-- 1 root root 20480 Nov 22 01:01 /var/log/waagent.log\n"),
         SERIAL_CMD: "active\nenabled\n",
         standard.SERVICES: "ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
                            "waagent.service not-found\ncloud-init-local.service not-found\n"
@@ -171,35 +187,34 @@ def healthy_waagent() -> dict[str, Answer]:
 def healthy_cloudinit(swap: bool = True) -> dict[str, Answer]:
     """A Debian 12 guest provisioned by cloud-init; resource disk at /mnt with a 33 % swap partition."""
     a = healthy_waagent()
-    a[probes.WAAGENT_CONF] = ("Provisioning.Agent=cloud-init\nResourceDisk.Format=n\nResourceDisk.EnableSwap=n\n"
-                              "AutoUpdate.Enabled=y\n")
+    a[probes.WAAGENT_CONF] = ok("Provisioning.Agent=cloud-init\nResourceDisk.Format=n\nResourceDisk.EnableSwap=n\n"
+                                 "AutoUpdate.Enabled=y\n")
     if swap:
         a[probes.LSBLK] = lsblk(resource_children=[part("/dev/sdb1", 703594496, "ext4", "/mnt"),
                                                    part("/dev/sdb2", 368050176, "swap", "[SWAP]")])
         a[probes.PROC_SWAPS] = SWAPS_HEADER + "/dev/sdb2                               partition\t359424\t\t0\t\t-2\n"
-        a[probes.FSTAB] = ("UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n"
-                           f"{RESOURCE_DISK}-part1\t/mnt\tauto\tdefaults,nofail,comment=cloudconfig\t0\t2\n"
-                           f"{RESOURCE_DISK}-part2\tnone\tswap\tsw,nofail,comment=cloudconfig\t0\t0\n")
+        a[probes.FSTAB] = ok("UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n"
+                             f"{RESOURCE_DISK}-part1\t/mnt\tauto\tdefaults,nofail,comment=cloudconfig\t0\t2\n"
+                             f"{RESOURCE_DISK}-part2\tnone\tswap\tsw,nofail,comment=cloudconfig\t0\t0\n")
     else:
         a[probes.LSBLK] = lsblk(resource_children=[part("/dev/sdb1", GIB - 2 * 1048576, "ext4", "/mnt")])
         a[probes.PROC_SWAPS] = SWAPS_HEADER
-    del a["findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt/resource"]
-    a["findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt"] = "/dev/sdb1 ext4 rw,relatime\n"
-    a["cloud-init status --long; ls -l /var/lib/cloud/instance/boot-finished"] = (
+    a[probes.MOUNTS] = mounts("/mnt /dev/sdb1 ext4 rw,relatime")
+    a[provisioning.CLOUD_INIT_STATUS] = (
         "status: done\nboot_status_code: enabled-by-generator\nlast_update: Sun, 22 Nov 2026 01:00:20 +0000\n"
         "detail:\nDataSourceAzure [seed=/dev/sr0]\n"
         "-rw-r--r-- 1 root root 70 Nov 22 01:00 /var/lib/cloud/instance/boot-finished\n")
     a["cloud-init --version"] = "/usr/bin/cloud-init 22.4.2\n"
-    a[WAAGENT_LOG_GREP] = "-rw-r--r-- 1 root root 8192 Nov 22 01:01 /var/log/waagent.log\n"
-    a[CLOUD_INIT_LOG_GREP] = "-rw-r--r-- 1 root root 180000 Nov 22 01:01 /var/log/cloud-init.log\n"
+    a[WAAGENT_LOG_GREP] = ok("-rw-r--r-- 1 root root 8192 Nov 22 01:01 /var/log/waagent.log\n")
+    a[CLOUD_INIT_LOG_GREP] = ok("-rw-r--r-- 1 root root 180000 Nov 22 01:01 /var/log/cloud-init.log\n")
     a[standard.SERVICES] = ("ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
                             "waagent.service not-found\ncloud-init-local.service enabled\ncloud-init.service enabled\n"
                             "cloud-init-network.service not-found\n")
     # cloud-init's disable_root: root gets the user's keys behind a command that refuses the login.
-    a[standard.ACCOUNTS] = ("user azureuser uid=1000 home=/home/azureuser\n"
-                            "keys root /root/.ssh/authorized_keys 1\n"
-                            "keys azureuser /home/azureuser/.ssh/authorized_keys 1\n")
-    a["cat /root/.ssh/authorized_keys"] = (
+    a[standard.ACCOUNTS] = ok("user azureuser uid=1000 home=/home/azureuser\n"
+                               "keys root /root/.ssh/authorized_keys 1\n"
+                               "keys azureuser /home/azureuser/.ssh/authorized_keys 1\n")
+    a["cat -- /root/.ssh/authorized_keys"] = (
         'no-port-forwarding,no-agent-forwarding,no-X11-forwarding,command="echo \'Please login as the user '
         '\\"azureuser\\" rather than the user \\"root\\".\';echo;sleep 10;exit 142" ' + KEY + "\n")
     return a

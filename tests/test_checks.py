@@ -23,7 +23,7 @@ from imagekit.checks import (
     run_checks,
     standard,
 )
-from imagekit.checks.provisioning import OVF_COPY, PROVISIONED_MARKER
+from imagekit.checks.provisioning import CLOUD_INIT_STATUS, MARKER_CMD, OVF_COPY, PROVISIONED_MARKER
 from imagekit.checks.resource_disk import SWAP_LOG
 from imagekit.checks.resource_setup import RESOURCE_DISK
 from imagekit.ovf import ProvisioningProfile
@@ -32,8 +32,10 @@ from tests.guest_double import (
     CLOUD_INIT_LOG_GREP,
     CMDLINE,
     KEY,
+    OVF_CAT,
     OVF_XML,
     PROFILE,
+    READLINK,
     README_CMD,
     SERIAL_CMD,
     SFDISK,
@@ -41,19 +43,22 @@ from tests.guest_double import (
     SWAP_STAT,
     SWAPFILE,
     SWAPS_HEADER,
+    USER_KEYS,
     WAAGENT_CONF,
     WAAGENT_LOG_GREP,
     Answer,
     CannedGuest,
+    absent,
     healthy_cloudinit,
     healthy_waagent,
     lsblk,
+    mounts,
+    ok,
     part,
 )
 
 READY = RecordedFabric((HealthReport("NotReady", "Provisioning", "Starting", 12.0),
                         HealthReport("Ready", seconds=20.5)))
-MISSING: Answer = (1, "", "")
 CLI_GREP = ("grep -rniE '^\\s*ClientAliveInterval' /etc/ssh/sshd_config /etc/ssh/sshd_config.d "
             "|| echo '(no ClientAliveInterval line in sshd_config)'")
 
@@ -88,7 +93,7 @@ def test_healthy_guest_passes_every_applicable_check(distro_id: str) -> None:
 
 def test_swap_disabled_configuration_passes_and_says_so() -> None:
     answers = healthy_waagent()
-    answers[probes.WAAGENT_CONF] = WAAGENT_CONF.replace("EnableSwap=y", "EnableSwap=n").replace("=256", "=0")
+    answers[probes.WAAGENT_CONF] = ok(WAAGENT_CONF.replace("EnableSwap=y", "EnableSwap=n").replace("=256", "=0"))
     answers[probes.PROC_SWAPS] = SWAPS_HEADER
     ctx, _guest = make_ctx("debian-13", answers)
     result = catalogue()["swap.resource-disk"].run(ctx)
@@ -130,28 +135,28 @@ class Scenario:
     removed: tuple[str, ...] = ()
 
 
-BIG_SWAP_CONF = WAAGENT_CONF.replace("SwapSizeMB=256", "SwapSizeMB=4096")
+BIG_SWAP_CONF = ok(WAAGENT_CONF.replace("SwapSizeMB=256", "SwapSizeMB=4096"))
 PASSWORD = "S3cret-Passw0rd!"
 
 SCENARIOS = [
     # resource disk
     Scenario("resource disk not mounted", "resource-disk.mounted",
-             {"findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt/resource": MISSING},
+             {probes.MOUNTS: mounts()},
              "nothing is mounted at /mnt/resource", "ResourceDisk.MountPoint=/mnt/resource"),
     Scenario("mount point on the OS disk", "resource-disk.mounted",
-             {"findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt/resource": "/dev/sda1 ext4 rw\n"},
-             "is on the OS disk /dev/sda", "/dev/sda1 ext4"),
+             {probes.MOUNTS: mounts("/mnt/resource /dev/sda1 ext4 rw")},
+             "is on the OS disk /dev/sda", "/mnt/resource /dev/sda1 ext4"),
     Scenario("wrong filesystem", "resource-disk.mounted",
-             {"findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt/resource": "/dev/sdb1 xfs rw\n"},
+             {probes.MOUNTS: mounts("/mnt/resource /dev/sdb1 xfs rw")},
              "filesystem is xfs, configured ext4", "ResourceDisk.Filesystem=ext4"),
-    Scenario("resource disk absent", "resource-disk.mounted", {f"readlink -e {RESOURCE_DISK}": MISSING},
+    Scenario("resource disk absent", "resource-disk.mounted", {READLINK: absent(RESOURCE_DISK)},
              "is not present", RESOURCE_DISK),
     Scenario("cloud-init did not mount the disk", "resource-disk.mounted",
-             {"findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint /mnt": MISSING},
+             {probes.MOUNTS: mounts("/mnt/other /dev/sdb1 ext4 rw")},
              "nothing is mounted at /mnt", "CustomData", distro="debian-12-cloudinit"),
     Scenario("README missing", "resource-disk.readme",
-             {README_CMD: (2, "", "ls: cannot access '/mnt/resource/DATALOSS_WARNING_README.txt': No such file")},
-             "DATALOSS_WARNING_README.txt is missing", "No such file"),
+             {README_CMD: absent("/mnt/resource/DATALOSS_WARNING_README.txt")},
+             "DATALOSS_WARNING_README.txt is missing", "@@absent /mnt/resource/DATALOSS_WARNING_README.txt"),
     # swap
     Scenario("EnableSwap with a swap size larger than the disk", "swap.resource-disk",
              {probes.WAAGENT_CONF: BIG_SWAP_CONF, probes.PROC_SWAPS: SWAPS_HEADER,
@@ -168,7 +173,7 @@ SCENARIOS = [
              {SWAP_STAT: f"{SWAPFILE} 134217728 bytes mode 600\n/dev/sdb1\n"},
              "is 134217728 bytes, SwapSizeMB=256 means 268435456", "134217728"),
     Scenario("swap disabled but active on the resource disk", "swap.resource-disk",
-             {probes.WAAGENT_CONF: WAAGENT_CONF.replace("EnableSwap=y", "EnableSwap=n")},
+             {probes.WAAGENT_CONF: ok(WAAGENT_CONF.replace("EnableSwap=y", "EnableSwap=n"))},
              "swap is disabled", "ResourceDisk.EnableSwap=n", distro="debian-13"),
     Scenario("cloud-init swap partition not active", "swap.resource-disk", {probes.PROC_SWAPS: SWAPS_HEADER},
              "no swap partition of the resource disk /dev/sdb is active", "swap partition",
@@ -185,13 +190,13 @@ SCENARIOS = [
              {probes.LSBLK: lsblk(os_extra=[part("/dev/sda2", 2 * 1024**3, "swap", None, "/dev/sda")])},
              "partition /dev/sda2 on the OS disk is formatted as swap", "/dev/sda2 part 2048 MiB swap"),
     Scenario("fstab swap entry on the OS disk", "swap.not-on-os-disk",
-             {probes.FSTAB: "UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n/swap.img none swap sw 0 0\n"},
+             {probes.FSTAB: ok("UUID=0a1b2c3d / ext4 errors=remount-ro 0 1\n/swap.img none swap sw 0 0\n")},
              "/etc/fstab activates swap from /swap.img", "/swap.img none swap"),
     # provisioning
     Scenario("OVF user missing", "provisioning.user", {"getent passwd azureuser": (2, "", "")},
              "user azureuser does not exist", "getent passwd azureuser"),
     Scenario("OVF key not installed", "provisioning.user",
-             {"cat /home/azureuser/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCother old@key\n"},
+             {USER_KEYS: ok("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCother old@key\n")},
              "1 of 1 OVF key(s) missing", "ssh-rsa AAAAB3"),
     Scenario("password login left on", "provisioning.password-auth",
              {probes.SSHD_T: SSHD_T.replace("passwordauthentication no", "passwordauthentication yes")},
@@ -211,20 +216,19 @@ SCENARIOS = [
              {"sudo -l -U azureuser": "User azureuser is not allowed to run sudo on ikvm.\n"},
              "may not run ALL commands as root", "not allowed"),
     Scenario("provisioned marker missing", "provisioning.marker",
-             {f"ls -l {PROVISIONED_MARKER} && cat {PROVISIONED_MARKER}": (2, "", "ls: cannot access: No such file")},
-             f"{PROVISIONED_MARKER} is missing", "No such file"),
+             {MARKER_CMD: absent(PROVISIONED_MARKER)},
+             f"{PROVISIONED_MARKER} is missing", "@@absent"),
     Scenario("cloud-init not done", "provisioning.marker",
-             {"cloud-init status --long; ls -l /var/lib/cloud/instance/boot-finished":
-                  (1, "status: running\n", "ls: cannot access '/var/lib/cloud/instance/boot-finished': No such file")},
+             {CLOUD_INIT_STATUS: "status: running\n@@absent /var/lib/cloud/instance/boot-finished\n"},
              "cloud-init status is not 'done'", "status: running", distro="debian-12-cloudinit"),
     Scenario("OVF copy keeps the password", "provisioning.ovf-redacted",
-             {f"cat {OVF_COPY}": OVF_XML.replace("<ns1:UserName>azureuser</ns1:UserName>",
-                                                 f"<ns1:UserName>azureuser</ns1:UserName><ns1:UserPassword>{PASSWORD}"
-                                                 "</ns1:UserPassword>")},
+             {OVF_CAT: ok(OVF_XML.replace("<ns1:UserName>azureuser</ns1:UserName>",
+                                          f"<ns1:UserName>azureuser</ns1:UserName><ns1:UserPassword>{PASSWORD}"
+                                          "</ns1:UserPassword>"))},
              "contains the OVF password in clear text", "<ns1:UserPassword>«value not shown»</ns1:UserPassword>",
              profile=replace(PROFILE, password=PASSWORD, disable_password_auth=False)),
-    Scenario("OVF copy missing", "provisioning.ovf-redacted", {f"cat {OVF_COPY}": (1, "", "No such file")},
-             f"{OVF_COPY} is missing", "No such file"),
+    Scenario("OVF copy missing", "provisioning.ovf-redacted", {OVF_CAT: ok(absent(OVF_COPY))},
+             f"{OVF_COPY} is missing", "@@absent"),
     Scenario("never reported Ready", "provisioning.ready-reported", {},
              "never reported Ready; last: NotReady ProvisioningFailed", "ProvisioningFailed",
              fabric=RecordedFabric((HealthReport("NotReady", "ProvisioningFailed", "user creation failed", 30.0),))),
@@ -257,33 +261,32 @@ SCENARIOS = [
              {probes.SSHD_T: SSHD_T.replace("clientaliveinterval 180", "clientaliveinterval 300"),
               CLI_GREP: "/etc/ssh/sshd_config:120:ClientAliveInterval 300\n"},
              "ClientAliveInterval is 300", "ClientAliveInterval 300"),
-    Scenario("shell history left", "standard.shell-history", {standard.HISTORY: "/root/.bash_history 532\n"},
+    Scenario("shell history left", "standard.shell-history", {standard.HISTORY: ok("/root/.bash_history 532\n")},
              "/root/.bash_history", "532"),
     Scenario("a user left behind", "standard.no-preexisting-users",
-             {standard.ACCOUNTS: "user builder uid=1001 home=/home/builder\n"
-                                 "user azureuser uid=1000 home=/home/azureuser\n"
-                                 "password builder\nkeys builder /home/builder/.ssh/authorized_keys 2\n",
-              "cat /home/builder/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCbuilder builder@ci\n"
+             {standard.ACCOUNTS: ok("user builder uid=1001 home=/home/builder\n"
+                                    "user azureuser uid=1000 home=/home/azureuser\n"
+                                    "password builder\nkeys builder /home/builder/.ssh/authorized_keys 2\n"),
+              "cat -- /home/builder/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCbuilder builder@ci\n"
                                                         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIbuilder2 b@ci\n"},
              "user builder (uid=1001)", "keys builder"),
     Scenario("root keeps a password and keys", "standard.no-preexisting-users",
-             {standard.ACCOUNTS: "password root\nkeys root /root/.ssh/authorized_keys 1\n",
-              "cat /root/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCvendor vendor@build\n"},
+             {standard.ACCOUNTS: ok("password root\nkeys root /root/.ssh/authorized_keys 1\n"),
+              "cat -- /root/.ssh/authorized_keys": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCvendor vendor@build\n"},
              "root has a password", "keys root /root/.ssh/authorized_keys"),
     Scenario("root keeps the OVF key without the login refusal", "standard.no-preexisting-users",
-             {"cat /root/.ssh/authorized_keys": KEY + "\n"}, "root has SSH keys in /root/.ssh/authorized_keys",
+             {"cat -- /root/.ssh/authorized_keys": KEY + "\n"}, "root has SSH keys in /root/.ssh/authorized_keys",
              "ssh-ed25519", distro="debian-12-cloudinit"),
     Scenario("agent too old", "standard.waagent-version",
              {probes.WAAGENT_VERSION: "WALinuxAgent - 2.2.40 running on debian 10\n"}, "older than 2.2.41", "2.2.40"),
     Scenario("auto-update off", "standard.agent-autoupdate",
-             {probes.WAAGENT_CONF: WAAGENT_CONF.replace("AutoUpdate.Enabled=y", "AutoUpdate.Enabled=n")},
+             {probes.WAAGENT_CONF: ok(WAAGENT_CONF.replace("AutoUpdate.Enabled=y", "AutoUpdate.Enabled=n"))},
              "AutoUpdate.Enabled=n", "AutoUpdate.Enabled=n"),
-    Scenario("32-bit", "standard.64bit", {"uname -m; getconf LONG_BIT": "i686\n32\n"}, "not a 64-bit system", "i686"),
-    Scenario("no openssl", "standard.openssl", {"openssl version": (127, "", "sh: 1: openssl: not found")},
-             "OpenSSL is not installed", "not found"),
-    Scenario("no python", "standard.python",
-             {"python3 --version || python --version": (127, "", "sh: 1: python: not found")},
-             "Python is not installed", "not found"),
+    Scenario("32-bit", "standard.64bit", {standard.ARCH: "i686\n32\n"}, "not a 64-bit system", "i686"),
+    Scenario("no openssl", "standard.openssl", {standard.OPENSSL: absent("openssl")},
+             "OpenSSL is not installed", "@@absent openssl"),
+    Scenario("no python", "standard.python", {standard.PYTHON: absent("python")},
+             "Python is not installed", "@@absent python"),
     Scenario("root partition misaligned", "standard.root-partition",
              {"sfdisk -J /dev/sda": SFDISK.replace('"start": 2048', '"start": 63')},
              "first partition starts at byte 32256 (sector 63), not 1 MiB", '"start": 63'),
@@ -294,26 +297,27 @@ SCENARIOS = [
               probes.LSBLK: lsblk(os_extra=[part("/dev/sda2", 1048576, "ext4", "/var", "/dev/sda")])},
              "extra partition /dev/sda2 (type 83, mounted at /var)", "/dev/sda2"),
     Scenario("udf missing", "standard.udf-vfat",
-             {standard.MODULES: "udf exit=1 modprobe: FATAL: Module udf not found in directory /lib/modules/6.1\n"
-                                "vfat exit=0 (loaded or built in)\n"}, "udf is not available", "FATAL"),
+             {standard.MODULES: ok("udf exit=1 modprobe: FATAL: Module udf not found in directory /lib/modules/6.1\n"
+                                   "vfat exit=0 (loaded or built in)\n")}, "udf is not available", "FATAL"),
     Scenario("udf disabled by hardening", "standard.udf-vfat",
-             {standard.MODULES: "udf exit=0 install /bin/true \nvfat exit=0 (loaded or built in)\n"
-                                "install udf /bin/true\n"}, "udf is disabled", "install /bin/true"),
+             {standard.MODULES: ok("udf exit=0 install /bin/true \nvfat exit=0 (loaded or built in)\n"
+                                   "install udf /bin/true\n")}, "udf is disabled", "install /bin/true"),
     Scenario("hv_netvsc not in the initramfs", "standard.hv-initramfs",
-             {standard.INITRAMFS_HV: "initramfs: /boot/initrd.img-6.1.0-28-cloud-amd64\nhv_storvsc.ko\nhv_vmbus.ko\n"},
+             {standard.INITRAMFS_HV: ok("initramfs: /boot/initrd.img-6.1.0-28-cloud-amd64\nhv_storvsc.ko\n"
+                                        "hv_vmbus.ko\n")},
              "missing from the initramfs: hv_netvsc", "initrd.img"),
     Scenario("agent error in waagent.log", "standard.waagent-log",
-             {WAAGENT_LOG_GREP: "55:2026-11-22T01:02:00Z ERROR ExtHandler ExtHandler Event: name=WALinuxAgent, "
-                                "op=Download, message=Failed to download\n"
-                                "40:2026-11-22T01:00:30Z INFO Daemon imagekit test shim: device_for_ide_port(1)\n"},
+             {WAAGENT_LOG_GREP: ok("55:2026-11-22T01:02:00Z ERROR ExtHandler ExtHandler Event: name=WALinuxAgent, "
+                                   "op=Download, message=Failed to download\n"
+                                   "40:2026-11-22T01:00:30Z INFO Daemon imagekit test shim: device_for_ide_port(1)\n")},
              "1 error line(s) in waagent.log", "Failed to download"),
     Scenario("VMBus error without the shim is not excused", "standard.waagent-log",
-             {WAAGENT_LOG_GREP: "12:2026-11-22T01:00:00Z ERROR Daemon Daemon Failed to mount resource disk "
-                                "[ResourceDiskError] unable to detect disk topology\n"},
+             {WAAGENT_LOG_GREP: ok("12:2026-11-22T01:00:00Z ERROR Daemon Daemon Failed to mount resource disk "
+                                   "[ResourceDiskError] unable to detect disk topology\n")},
              "1 error line(s)", "unable to detect disk topology"),
     Scenario("cloud-init module failed", "standard.cloud-init-log",
-             {CLOUD_INIT_LOG_GREP: "812:2026-11-22 01:00:12,000 - util.py[WARNING]: Running module locale "
-                                   "(<module 'cloudinit.config.cc_locale'>) failed\n"},
+             {CLOUD_INIT_LOG_GREP: ok("812:2026-11-22 01:00:12,000 - util.py[WARNING]: Running module locale "
+                                      "(<module 'cloudinit.config.cc_locale'>) failed\n")},
              "1 error/failure line(s) in cloud-init.log", "Running module locale", distro="debian-12-cloudinit"),
     Scenario("cloud-init disabled", "standard.services-enabled",
              {standard.SERVICES: "ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
@@ -321,17 +325,18 @@ SCENARIOS = [
                                  "cloud-init.service not-found\ncloud-init-network.service disabled\n"},
              "cloud-init is not enabled", "cloud-init-network.service disabled", distro="debian-12-cloudinit"),
     Scenario("an ERROR next to the excused DHCP artefact still fails", "standard.cloud-init-log",
-             {CLOUD_INIT_LOG_GREP: "148:2026-11-22 01:46:52,925 - azure.py[ERROR]: Azure datasource failure "
-                                   "occurred: result=error|reason=failure to find primary DHCP interface|\n"
-                                   "300:2026-11-22 01:47:00,000 - cc_disk_setup.py[WARNING]: Failed partitioning "
-                                   "operation\n"},
+             {CLOUD_INIT_LOG_GREP: ok("148:2026-11-22 01:46:52,925 - azure.py[ERROR]: Azure datasource failure "
+                                      "occurred: result=error|reason=failure to find primary DHCP interface|\n"
+                                      "300:2026-11-22 01:47:00,000 - cc_disk_setup.py[WARNING]: Failed partitioning "
+                                      "operation\n")},
              "1 error/failure line(s) in cloud-init.log; 1 line(s) excused", "Failed partitioning",
              distro="debian-12-cloudinit"),
-    Scenario("no serial getty", "standard.serial-console", {SERIAL_CMD: (3, "inactive\ndisabled\n", "")},
+    Scenario("no serial getty", "standard.serial-console", {SERIAL_CMD: "inactive\ndisabled\n"},
              "no getty on ttyS0", "inactive"),
     Scenario("sshd disabled", "standard.services-enabled",
              {standard.SERVICES: "ssh.service disabled\nsshd.service not-found\nwalinuxagent.service enabled\n"
-                                 "waagent.service not-found\ncloud-init.service not-found\n"},
+                                 "waagent.service not-found\ncloud-init-local.service not-found\n"
+                                 "cloud-init.service not-found\ncloud-init-network.service not-found\n"},
              "sshd is not enabled", "ssh.service disabled"),
 ]
 
@@ -425,8 +430,8 @@ def test_cloud_init_24_unit_names_and_the_dhcp_artefact_pass_with_a_note() -> No
     answers[standard.SERVICES] = ("ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
                                   "waagent.service not-found\ncloud-init-local.service enabled\n"
                                   "cloud-init.service not-found\ncloud-init-network.service enabled\n")
-    answers[CLOUD_INIT_LOG_GREP] = ("148:2026-11-22 01:46:52,925 - azure.py[ERROR]: Azure datasource failure "
-                                    "occurred: result=error|reason=failure to find primary DHCP interface|\n")
+    answers[CLOUD_INIT_LOG_GREP] = ok("148:2026-11-22 01:46:52,925 - azure.py[ERROR]: Azure datasource failure "
+                                      "occurred: result=error|reason=failure to find primary DHCP interface|\n")
     ctx, _ = make_ctx("debian-13-cloudinit", answers)
     assert catalogue()["standard.services-enabled"].run(ctx).status is Status.PASS
     log = catalogue()["standard.cloud-init-log"].run(ctx)

@@ -6,6 +6,15 @@ whose evidence is the command output that decided it. :func:`run_checks` runs ev
 a check that fails or crashes never stops the others (a crash becomes an ``error`` result carrying the
 traceback).
 
+Checks fail closed. A check reads the guest through :meth:`CheckContext.probe`, which returns a result
+only when the probe worked: an exit code the probe does not allow (sudo refused, a tool missing, a read
+error), no output where output is required, a shell probe whose closing marker :data:`PROBE_OK` is
+missing, or a guest that did not answer in time raises :class:`ProbeFailed`, and :meth:`Check.run` turns
+that into an ``error`` result whose evidence is the probe's command, exit code and the tail of its
+stderr — never a pass or a skip. A shell probe that may legitimately find nothing says so in its output
+(it ends with :data:`PROBE_OK` only when every part of it ran), so "nothing found" and "the command
+failed" never look alike.
+
 Checks talk to the guest only through :class:`~imagekit.guest.Guest`, so the unit tests drive them with
 a test double and the VM tests with the real SSH connection. Commands are cached per context: several
 checks reading ``sshd -T`` or ``/proc/swaps`` see the same output and the guest runs it once.
@@ -23,7 +32,7 @@ from typing import Any, Protocol
 
 from imagekit.checks.resource_setup import ResourceDiskPlan
 from imagekit.distros import Agent, Distro, Family
-from imagekit.errors import InputError
+from imagekit.errors import ImagekitError, InputError
 from imagekit.guest import CommandResult, Guest
 from imagekit.ovf import ProvisioningProfile
 
@@ -51,6 +60,37 @@ class CheckResult:
 
 
 Evidence = CommandResult | str
+
+# A shell probe prints this as its last line only when every part of it ran (see CheckContext.probe).
+PROBE_OK = "@@imagekit-probe-ok"
+# A shell probe prints this (then a path or name) for "it does not exist": a finding, not a failure.
+ABSENT = "@@absent"
+_TAIL_LINES = 15
+
+
+def _tail(text: str, lines: int = _TAIL_LINES, chars: int = 1500) -> str:
+    out = "\n".join(text.rstrip().splitlines()[-lines:])
+    return out if len(out) <= chars else "…" + out[-chars:]
+
+
+class ProbeFailed(Exception):
+    """A guest probe did not work, so the check learned nothing: the check's result is ``error``."""
+
+    def __init__(self, reason: str, command: str, result: CommandResult | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.command = command
+        self.result = result
+
+    def evidence(self) -> str:
+        text = f"$ {self.command}\n[probe failed] {self.reason}"
+        res = self.result
+        if res is not None:
+            text += f"\n[exit code {res.returncode}]"
+            text += f"\n[stderr, last lines]\n{_tail(res.stderr)}" if res.stderr.strip() else "\n[stderr empty]"
+            if res.stdout.strip():
+                text += f"\n[stdout, last lines]\n{_tail(res.stdout)}"
+        return text
 
 
 def _join(evidence: Iterable[Evidence]) -> str:
@@ -107,11 +147,49 @@ class CheckContext:
     _cache: dict[tuple[str, bool], CommandResult] = field(default_factory=dict, repr=False)
 
     def run(self, command: str, *, sudo: bool = True, timeout: float = 120.0) -> CommandResult:
-        """Run ``command`` in the guest once per context; later calls return the same result."""
+        """Run ``command`` in the guest once per context; later calls return the same result.
+
+        Not judged: for evidence only. A check decides on :meth:`probe` results."""
         key = (command, sudo)
         if key not in self._cache:
             self._cache[key] = self.guest.run(command, sudo=sudo, timeout=timeout)
         return self._cache[key]
+
+    def probe(self, command: str, *, ok: Iterable[int] = (0,), output: bool = True, marker: bool = False,
+              sudo: bool = True, timeout: float = 120.0, cache: bool = True) -> CommandResult:
+        """Run ``command`` and return its result if the probe worked; raise :class:`ProbeFailed` if not.
+
+        ``ok``: the exit codes that are answers (e.g. getent's 2, "no such entry"); any other fails.
+        ``output``: a successful exit (0) must print something. ``marker``: the command is a shell probe
+        that ends by printing :data:`PROBE_OK` only when all of it ran; the marker must be its last line
+        and is removed from the returned stdout. ``cache``: False for output that must not be kept
+        (e.g. a file that may hold a password). A guest that does not answer (timeout, connection lost)
+        fails the probe too.
+        """
+        try:
+            res = self.run(command, sudo=sudo, timeout=timeout) if cache else \
+                self.guest.run(command, sudo=sudo, timeout=timeout)
+        except (ImagekitError, OSError, TimeoutError) as exc:
+            raise ProbeFailed(f"the guest did not answer: {type(exc).__name__}: {exc}", command) from exc
+        allowed = tuple(ok)
+        if res.returncode not in allowed:
+            why = f"exited {res.returncode}" + (f" (allowed: {', '.join(map(str, allowed))})"
+                                                 if allowed != (0,) else "")
+            raise ProbeFailed(why, command, res)
+        if marker:
+            lines = res.stdout.rstrip("\n").split("\n")
+            if lines[-1].strip() != PROBE_OK:
+                raise ProbeFailed("did not run to its end (its closing marker is missing): a part of it "
+                                  "failed or its output was cut", command, res)
+            res = CommandResult(res.command, res.returncode, "\n".join(lines[:-1]) + ("\n" if lines[:-1] else ""),
+                                res.stderr)
+        elif output and res.returncode == 0 and not res.stdout.strip():
+            raise ProbeFailed("printed nothing, where output is needed to judge", command, res)
+        return res
+
+    def probe_failed(self, reason: str, res: CommandResult) -> ProbeFailed:
+        """A :class:`ProbeFailed` for a result that ran but printed nothing judgeable (raise it)."""
+        return ProbeFailed(reason, res.command, res)
 
 
 CheckFn = Callable[[CheckContext], CheckResult]
@@ -152,6 +230,10 @@ class Check:
             return skipped(f"not applicable: {reason}")
         try:
             result = self.fn(ctx)
+        except ProbeFailed as exc:
+            log.debug("check %s: probe failed: %s", self.id, exc.reason)
+            return CheckResult(Status.ERROR, f"probe failed, nothing judged: `{_short(exc.command)}` {exc.reason}",
+                               exc.evidence())
         except Exception as exc:  # one crashing check must not stop the others
             log.debug("check %s crashed", self.id, exc_info=True)
             return CheckResult(Status.ERROR, f"check crashed: {type(exc).__name__}: {exc}",
@@ -159,6 +241,11 @@ class Check:
         if not isinstance(result, CheckResult):
             return CheckResult(Status.ERROR, f"check returned {type(result).__name__}, not a CheckResult")
         return result
+
+
+def _short(command: str, limit: int = 80) -> str:
+    one = " ".join(command.split())
+    return one if len(one) <= limit else one[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -241,8 +328,8 @@ def run_checks(ctx: CheckContext, checks: Sequence[Check] | None = None) -> list
 
 
 def overall_ok(runs: Sequence[CheckRun]) -> bool:
-    """True when no check failed or crashed."""
-    return all(r.result.ok for r in runs)
+    """True when checks ran and none failed or crashed (no checks at all proves nothing)."""
+    return bool(runs) and all(r.result.ok for r in runs)
 
 
 def counts(runs: Sequence[CheckRun]) -> Mapping[str, int]:

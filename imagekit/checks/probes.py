@@ -1,7 +1,12 @@
 """Shared guest probes for the checks: each runs one fixed command (cached per context) and parses it.
 
-The command strings are constants so the unit tests' guest double can answer them, and so a reader of a
-report can paste the command from the evidence into a shell in the guest.
+The command strings are constants so the unit tests' guest double can answer them, so the unit tests can
+run the very same strings under /bin/sh against a planted file tree (tests/fakeroot.py), and so a reader
+of a report can paste the command from the evidence into a shell in the guest.
+
+Every probe fails closed (:meth:`CheckContext.probe`): a probe that did not work raises
+:class:`ProbeFailed` and its check is an error. "It does not exist" is an answer the probe prints
+(:data:`ABSENT`), never an exit code that a refused sudo or a read error could also produce.
 """
 
 from __future__ import annotations
@@ -13,19 +18,43 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from imagekit.checks.base import CheckContext
+from imagekit.checks.base import ABSENT, PROBE_OK, CheckContext
 from imagekit.checks.resource_setup import ResourceDiskPlan, plan_for
 from imagekit.distros import Agent
 from imagekit.guest import CommandResult
 
-WAAGENT_CONF = "cat /etc/waagent.conf"
+
+def read_file(path: str) -> str:
+    """Shell: print ``path`` (or an :data:`ABSENT` line when it does not exist), then :data:`PROBE_OK`."""
+    q = shlex.quote(path)
+    return f"if [ -e {q} ]; then cat -- {q}; else echo '{ABSENT}' {q}; fi && echo {PROBE_OK}"
+
+
+def if_exists(path: str, command: str) -> str:
+    """Shell: ``command`` when ``path`` exists, else an :data:`ABSENT` line naming it."""
+    q = shlex.quote(path)
+    return f"if [ -e {q} ]; then {command}; else echo '{ABSENT}' {q}; fi"
+
+
+def readlink_cmd(device: str) -> str:
+    return if_exists(device, f"readlink -e {shlex.quote(device)}")
+
+
+WAAGENT_CONF = read_file("/etc/waagent.conf")
 LSBLK = "lsblk -J -b -p -o NAME,KNAME,PKNAME,TYPE,SIZE,FSTYPE,MOUNTPOINT,SERIAL"
 ROOT_SOURCE = "findmnt -n -o SOURCE,FSTYPE /"
+MOUNTS = "findmnt -rn -o TARGET,SOURCE,FSTYPE,OPTIONS"
 PROC_SWAPS = "cat /proc/swaps"
-FSTAB = "cat /etc/fstab"
+FSTAB = read_file("/etc/fstab")
 SSHD_T = "sshd -T 2>&1 || /usr/sbin/sshd -T"
 CMDLINE = "cat /proc/cmdline"
 WAAGENT_VERSION = "waagent --version 2>&1 || /usr/sbin/waagent --version"
+
+
+def file_text(ctx: CheckContext, path: str) -> tuple[str | None, CommandResult]:
+    """A guest file's text, or None when it does not exist; a read that failed raises ProbeFailed."""
+    res = ctx.probe(read_file(path), marker=True)
+    return (None if res.stdout.startswith(ABSENT) else res.stdout), res
 
 
 def resource_plan(ctx: CheckContext) -> ResourceDiskPlan:
@@ -46,9 +75,10 @@ def parse_waagent_conf(text: str) -> dict[str, str]:
     return out
 
 
-def waagent_conf(ctx: CheckContext) -> tuple[dict[str, str], CommandResult]:
-    res = ctx.run(WAAGENT_CONF)
-    return (parse_waagent_conf(res.stdout) if res.ok else {}), res
+def waagent_conf(ctx: CheckContext) -> tuple[dict[str, str] | None, CommandResult]:
+    """/etc/waagent.conf's settings, or None when the file does not exist."""
+    text, res = file_text(ctx, "/etc/waagent.conf")
+    return (None if text is None else parse_waagent_conf(text)), res
 
 
 def conf_lines(res: CommandResult, prefixes: tuple[str, ...]) -> str:
@@ -75,9 +105,10 @@ def expected_resource_disk(ctx: CheckContext) -> tuple[Expected, list[CommandRes
     plan = resource_plan(ctx)
     if ctx.distro.agent is Agent.WAAGENT:
         conf, res = waagent_conf(ctx)
-        if not res.ok:
-            return Expected(plan.formatted, plan.mount_point, plan.filesystem, plan.swap, plan.swap_mib,
-                            "the distro table (the guest's waagent.conf could not be read)"), [res]
+        if conf is None:
+            # Nothing says what the agent was told to do: the resource-disk checks cannot judge.
+            raise ctx.probe_failed("/etc/waagent.conf does not exist, so what waagent was configured to do "
+                                   "with the resource disk is unknown", res)
         formatted = conf.get("ResourceDisk.Format", "n").lower().startswith("y")
         swap = formatted and conf.get("ResourceDisk.EnableSwap", "n").lower().startswith("y")
         try:
@@ -124,13 +155,12 @@ def _flatten(nodes: list[dict[str, Any]], disk: str | None, out: dict[str, Block
 
 def topology(ctx: CheckContext) -> tuple[dict[str, BlockDev], CommandResult]:
     """The block devices by name, and as evidence the command with a compact rendering of its JSON."""
-    res = ctx.run(LSBLK)
+    res = ctx.probe(LSBLK)
     out: dict[str, BlockDev] = {}
-    if res.ok:
-        with contextlib.suppress(ValueError, AttributeError):
-            _flatten(list(json.loads(res.stdout).get("blockdevices") or []), None, out)
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        _flatten(list(json.loads(res.stdout).get("blockdevices") or []), None, out)
     if not out:
-        return out, res
+        raise ctx.probe_failed("lsblk listed no block device (no JSON with blockdevices)", res)
     lines = []
     for name, d in out.items():
         if name != d.name:
@@ -146,8 +176,8 @@ def topology(ctx: CheckContext) -> tuple[dict[str, BlockDev], CommandResult]:
 def os_disk(ctx: CheckContext) -> tuple[str | None, list[CommandResult]]:
     """The disk that holds the root filesystem (e.g. /dev/sda)."""
     devs, lsblk = topology(ctx)
-    root = ctx.run(ROOT_SOURCE)
-    src = root.stdout.split()[0] if root.ok and root.stdout.split() else ""
+    root = ctx.probe(ROOT_SOURCE)
+    src = root.stdout.split()[0]
     dev = devs.get(src)
     return (dev.disk if dev else None), [root, lsblk]
 
@@ -155,9 +185,39 @@ def os_disk(ctx: CheckContext) -> tuple[str | None, list[CommandResult]]:
 def resource_disk(ctx: CheckContext) -> tuple[str | None, CommandResult]:
     """The attached resource disk's kernel device (e.g. /dev/sdb), or None if it is absent."""
     plan = resource_plan(ctx)
-    res = ctx.run(f"readlink -e {shlex.quote(plan.device)}")
+    res = ctx.probe(readlink_cmd(plan.device))
     name = res.stdout.strip()
-    return (name if res.ok and name.startswith("/dev/") else None), res
+    if name.startswith(ABSENT):
+        return None, res
+    if not name.startswith("/dev/"):
+        raise ctx.probe_failed(f"readlink named no device under /dev for {plan.device}", res)
+    return name, res
+
+
+@dataclass(frozen=True)
+class Mount:
+    target: str
+    source: str
+    fstype: str
+    options: str
+
+
+def _unhex(field: str) -> str:
+    # findmnt -r writes spaces and other unsafe bytes as \xHH
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), field)
+
+
+def mount_at(ctx: CheckContext, target: str) -> tuple[Mount | None, CommandResult]:
+    """What is mounted at ``target`` (the topmost mount there), or None; evidence is that row only."""
+    res = ctx.probe(MOUNTS)
+    rows = [Mount(*map(_unhex, f[:4])) for f in (ln.split() for ln in res.stdout.splitlines()) if len(f) >= 4]
+    if not any(m.target == "/" for m in rows):
+        raise ctx.probe_failed("findmnt listed no mount at / (an empty or unreadable mount table)", res)
+    hits = [m for m in rows if m.target == target.rstrip("/") or (target == "/" and m.target == "/")]
+    found = hits[-1] if hits else None
+    shown = (f"{found.target} {found.source} {found.fstype} {found.options}" if found
+             else f"(nothing mounted at {target} among {len(rows)} mounts)")
+    return found, CommandResult(res.command, res.returncode, shown + "\n", res.stderr)
 
 
 def disk_of(ctx: CheckContext, device: str) -> str | None:
@@ -174,7 +234,9 @@ class Swap:
 
 
 def swaps(ctx: CheckContext) -> tuple[list[Swap], CommandResult]:
-    res = ctx.run(PROC_SWAPS)
+    res = ctx.probe(PROC_SWAPS)
+    if not res.stdout.startswith("Filename"):
+        raise ctx.probe_failed("/proc/swaps has no header line (Filename Type Size ...)", res)
     out = []
     for line in res.stdout.splitlines()[1:]:
         f = line.split()
@@ -186,19 +248,20 @@ def swaps(ctx: CheckContext) -> tuple[list[Swap], CommandResult]:
 
 def backing_device(ctx: CheckContext, path: str) -> tuple[str | None, CommandResult]:
     """The block device of the filesystem holding ``path``."""
-    res = ctx.run(f"findmnt -n -o SOURCE --target {shlex.quote(path)}")
-    src = res.stdout.split()[0] if res.ok and res.stdout.split() else None
-    return src, res
+    res = ctx.probe(f"findmnt -n -o SOURCE --target {shlex.quote(path)}")
+    return res.stdout.split()[0], res
 
 
 def sshd_config(ctx: CheckContext) -> tuple[dict[str, str], CommandResult]:
     """``sshd -T``: the effective sshd settings (lower-case keys; first value wins as in sshd)."""
-    res = ctx.run(SSHD_T)
+    res = ctx.probe(SSHD_T)
     out: dict[str, str] = {}
     for line in res.stdout.splitlines():
         parts = line.strip().split(None, 1)
         if len(parts) == 2 and re.match(r"^[a-z0-9]+$", parts[0]):
             out.setdefault(parts[0], parts[1])
+    if "port" not in out:  # sshd -T always prints its port; without it, the output is an error message
+        raise ctx.probe_failed("sshd -T printed no settings", res)
     return out, res
 
 

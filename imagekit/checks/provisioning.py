@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from imagekit.checks.base import CheckContext, CheckResult, Evidence, check, failed, passed
-from imagekit.checks.probes import WAAGENT_VERSION, sshd_config, version_tuple
+from imagekit.checks.base import ABSENT, CheckContext, CheckResult, Evidence, ProbeFailed, check, failed, passed
+from imagekit.checks.probes import WAAGENT_VERSION, file_text, read_file, sshd_config, version_tuple
 from imagekit.checks.resource_setup import WAAGENT_UNITS
 from imagekit.distros import Agent
 from imagekit.guest import CommandResult
@@ -14,6 +14,12 @@ from imagekit.ovf import ProvisioningProfile
 
 OVF_COPY = "/var/lib/waagent/ovf-env.xml"
 PROVISIONED_MARKER = "/var/lib/waagent/provisioned"
+BOOT_FINISHED = "/var/lib/cloud/instance/boot-finished"
+MARKER_CMD = (f"if [ -e {PROVISIONED_MARKER} ]; then ls -l {PROVISIONED_MARKER} && cat {PROVISIONED_MARKER}; "
+              f"else echo '{ABSENT}' {PROVISIONED_MARKER}; fi")
+# cloud-init status exits 1 (error) or 2 (degraded) with its status printed: a finding, judged on the text.
+CLOUD_INIT_STATUS = (f"cloud-init status --long; if [ -e {BOOT_FINISHED} ]; then ls -l {BOOT_FINISHED}; "
+                     f"else echo '{ABSENT}' {BOOT_FINISHED}; fi")
 
 
 def _key_id(key: str) -> tuple[str, str] | None:
@@ -31,12 +37,15 @@ def _key_id(key: str) -> tuple[str, str] | None:
 )
 def user(ctx: CheckContext) -> CheckResult:
     name = ctx.profile.username
-    pw = ctx.run(f"getent passwd {shlex.quote(name)}")
-    if not pw.ok or not pw.stdout.strip():
+    pw = ctx.probe(f"getent passwd {shlex.quote(name)}", ok=(0, 2))  # 2: no such user
+    if pw.returncode == 2:
         return failed(f"user {name} does not exist", pw)
-    home = pw.stdout.strip().split(":")[5]
-    keys = ctx.run(f"cat {shlex.quote(home)}/.ssh/authorized_keys")
-    have = {_key_id(line) for line in keys.stdout.splitlines()} - {None}
+    fields = pw.stdout.strip().split(":")
+    if len(fields) < 7:
+        raise ctx.probe_failed("getent printed no passwd entry", pw)
+    home = fields[5]
+    text, keys = file_text(ctx, f"{home}/.ssh/authorized_keys")
+    have = {_key_id(line) for line in (text or "").splitlines()} - {None}
     missing = [k.split()[-1] if len(k.split()) > 2 else k[:40] for k in ctx.profile.ssh_public_keys
                if _key_id(k) not in have]
     if missing:
@@ -74,12 +83,12 @@ def password_auth(ctx: CheckContext) -> CheckResult:
 )
 def hostname(ctx: CheckContext) -> CheckResult:
     want = ctx.profile.hostname
-    hn = ctx.run("hostname")
-    res = ctx.run(f"getent hosts {shlex.quote(want)} || getent ahosts {shlex.quote(want)}")
+    hn = ctx.probe("hostname")
+    res = ctx.probe(f"getent hosts {shlex.quote(want)} || getent ahosts {shlex.quote(want)}", ok=(0, 2))
     got = hn.stdout.strip()
     if got != want:
         return failed(f"hostname is {got!r}, the OVF says {want!r}", hn, res)
-    if not res.ok or not res.stdout.strip():
+    if res.returncode == 2:  # getent: no such entry
         return failed(f"hostname {want} does not resolve", hn, res)
     return passed(f"hostname {want} set and resolves to {res.stdout.split()[0]}", hn, res)
 
@@ -93,7 +102,9 @@ def hostname(ctx: CheckContext) -> CheckResult:
 )
 def sudo(ctx: CheckContext) -> CheckResult:
     name = ctx.profile.username
-    res = ctx.run(f"sudo -l -U {shlex.quote(name)}")
+    res = ctx.probe(f"sudo -l -U {shlex.quote(name)}", ok=(0, 1))
+    if res.returncode == 1 and "not allowed to run sudo" not in res.stdout + res.stderr:
+        raise ctx.probe_failed("sudo -l failed without saying the user may not run sudo", res)
     rules = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("(")]
     all_rules = [r for r in rules if re.match(r"^\(ALL(\s*:\s*ALL)?\)\s+(NOPASSWD:\s*)?ALL$", r)]
     nopw = [r for r in all_rules if "NOPASSWD" in r]
@@ -112,20 +123,23 @@ def sudo(ctx: CheckContext) -> CheckResult:
     source="waagent ProvisionHandler (provisioned file); cloud-init instance state",
 )
 def marker(ctx: CheckContext) -> CheckResult:
-    wa = ctx.run(f"ls -l {PROVISIONED_MARKER} && cat {PROVISIONED_MARKER}")
+    wa = ctx.probe(MARKER_CMD)
+    wa_present = not wa.stdout.startswith(ABSENT)
     if ctx.distro.agent is Agent.WAAGENT:
-        if not wa.ok:
+        if not wa_present:
             return failed(f"{PROVISIONED_MARKER} is missing", wa)
         return passed(f"{PROVISIONED_MARKER} present", wa)
-    ci = ctx.run("cloud-init status --long; ls -l /var/lib/cloud/instance/boot-finished")
+    ci = ctx.probe(CLOUD_INIT_STATUS)
+    if not re.search(r"^status:", ci.stdout, re.M):
+        raise ctx.probe_failed("cloud-init status printed no status line", ci)
     problems = []
     if not re.search(r"^status:\s*done", ci.stdout, re.M):
         problems.append("cloud-init status is not 'done'")
-    if "boot-finished" not in ci.stdout or "No such file" in ci.stderr:
-        problems.append("/var/lib/cloud/instance/boot-finished is missing")
+    if f"{ABSENT} {BOOT_FINISHED}" in ci.stdout:
+        problems.append(f"{BOOT_FINISHED} is missing")
     if problems:
         return failed("; ".join(problems), ci, wa)
-    extra = "" if wa.ok else f" ({PROVISIONED_MARKER} not written by waagent)"
+    extra = "" if wa_present else f" ({PROVISIONED_MARKER} not written by waagent)"
     return passed("cloud-init finished (status done, boot-finished)" + extra, ci, wa)
 
 
@@ -154,10 +168,17 @@ def redact_ovf(text: str, profile: ProvisioningProfile) -> str:
     source="waagent copy_ovf_env (PASSWORD_REPLACEMENT); cloud-init Azure datasource (REDACTED)",
 )
 def ovf_redacted(ctx: CheckContext) -> CheckResult:
-    res = ctx.guest.run(f"cat {OVF_COPY}")  # not cached: it must never sit in a shared cache unredacted
+    try:  # not cached: it must never sit in a shared cache unredacted
+        res = ctx.probe(read_file(OVF_COPY), marker=True, cache=False)
+    except ProbeFailed as exc:  # its evidence shows the output: redact it too
+        r = exc.result
+        raise ProbeFailed(exc.reason, exc.command, r and CommandResult(
+            r.command, r.returncode, redact_ovf(r.stdout, ctx.profile), redact_ovf(r.stderr, ctx.profile))) from None
     safe = CommandResult(res.command, res.returncode, redact_ovf(res.stdout, ctx.profile), res.stderr)
-    if not res.ok:
+    if res.stdout.startswith(ABSENT):
         return failed(f"{OVF_COPY} is missing", safe)
+    if not res.stdout.strip():
+        raise ctx.probe_failed(f"{OVF_COPY} is empty", safe)
     values = re.findall(r"<(?:\w+:)?UserPassword>(.*?)</(?:\w+:)?UserPassword>", res.stdout, re.S)
     if ctx.profile.password and ctx.profile.password in res.stdout:
         return failed(f"{OVF_COPY} contains the OVF password in clear text", safe)
@@ -198,8 +219,10 @@ def ready_reported(ctx: CheckContext) -> CheckResult:
     source="create-upload-generic.md (waagent enabled); LISA smoke tests",
 )
 def agent_running(ctx: CheckContext) -> CheckResult:
-    show = ctx.run("systemctl show -p Id -p LoadState -p ActiveState -p SubState " + " ".join(WAAGENT_UNITS))
-    ver = ctx.run(WAAGENT_VERSION)
+    show = ctx.probe("systemctl show -p Id -p LoadState -p ActiveState -p SubState " + " ".join(WAAGENT_UNITS))
+    if "LoadState=" not in show.stdout:
+        raise ctx.probe_failed("systemctl show printed no unit state", show)
+    ver = ctx.probe(WAAGENT_VERSION, ok=(0, 127))  # 127: waagent not installed (judged below)
     evidence: list[Evidence] = [show, ver]
     units = [dict(ln.split("=", 1) for ln in block.splitlines() if "=" in ln) for block in show.stdout.split("\n\n")]
     loaded = [u for u in units if u.get("LoadState") == "loaded"]
@@ -213,7 +236,7 @@ def agent_running(ctx: CheckContext) -> CheckResult:
         return failed(f"{loaded[0].get('Id')} is {loaded[0].get('ActiveState')}/{loaded[0].get('SubState')}",
                       *evidence)
     if ctx.distro.agent is Agent.CLOUD_INIT:
-        ci = ctx.run("cloud-init --version")
+        ci = ctx.probe("cloud-init --version")
         evidence.append(ci)
         return passed(f"{active[0].get('Id')} active, waagent {version}; {ci.stdout.strip() or ci.stderr.strip()}",
                       *evidence)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import shlex
 
-from imagekit.checks.base import CheckContext, CheckResult, Evidence, check, failed, passed, skipped
+from imagekit.checks.base import ABSENT, CheckContext, CheckResult, Evidence, check, failed, passed, skipped
 from imagekit.checks.probes import (
-    FSTAB,
     backing_device,
     disk_of,
     expected_resource_disk,
+    file_text,
+    if_exists,
+    mount_at,
     os_disk,
     resource_disk,
     resource_plan,
@@ -27,6 +29,16 @@ README = "DATALOSS_WARNING_README.txt"
 SWAP_LOG = "grep -iE 'swap|dd (un)?successful' /var/log/waagent.log | tail -n 15"
 # Names under which a resource disk may legitimately appear in /etc/fstab (Azure's udev links, ours).
 RESOURCE_DISK_NAMES = ("/dev/disk/azure/resource", "/dev/disk/cloud/azure_resource")
+
+
+def readme_cmd(path: str) -> str:
+    q = shlex.quote(path)
+    return if_exists(path, f"ls -l {q} && head -n 3 {q} && findmnt -n -o SOURCE --target {q}")
+
+
+def swapfile_cmd(path: str) -> str:
+    q = shlex.quote(path)
+    return if_exists(path, f"stat -c '%n %s bytes mode %a' {q} && findmnt -n -o SOURCE --target {q}")
 
 
 def _note(ctx: CheckContext) -> str:
@@ -53,13 +65,13 @@ def mounted(ctx: CheckContext) -> CheckResult:
         return skipped(f"resource disk handling is off ({exp.source}: ResourceDisk.Format is not y)", *conf_ev)
     rdisk, rd_ev = resource_disk(ctx)
     osd, os_ev = os_disk(ctx)
-    mnt = ctx.run(f"findmnt -n -o SOURCE,FSTYPE,OPTIONS --mountpoint {shlex.quote(exp.mount_point)}")
-    evidence: list[Evidence] = [_note(ctx), *conf_ev, rd_ev, mnt, *os_ev]
+    mnt, mnt_ev = mount_at(ctx, exp.mount_point)
+    evidence: list[Evidence] = [_note(ctx), *conf_ev, rd_ev, mnt_ev, *os_ev]
     if rdisk is None:
         return failed(f"the resource disk {resource_plan(ctx).device} is not present in the guest", *evidence)
-    if not mnt.ok or not mnt.stdout.split():
+    if mnt is None:
         return failed(f"nothing is mounted at {exp.mount_point} (configured by {exp.source})", *evidence)
-    source, fstype = ([*mnt.stdout.split(), "", ""])[:2]
+    source, fstype = mnt.source, mnt.fstype
     on_disk = disk_of(ctx, source)
     problems = []
     if on_disk == osd and osd is not None:
@@ -88,11 +100,10 @@ def readme(ctx: CheckContext) -> CheckResult:
     if not exp.formatted:
         return skipped(f"resource disk handling is off ({exp.source})", *conf_ev)
     path = f"{exp.mount_point.rstrip('/')}/{README}"
-    res = ctx.run(f"ls -l {shlex.quote(path)} && head -n 3 {shlex.quote(path)} "
-                  f"&& findmnt -n -o SOURCE --target {shlex.quote(path)}")
+    res = ctx.probe(readme_cmd(path))
     rdisk, rd_ev = resource_disk(ctx)
     evidence: list[Evidence] = [_note(ctx), res, rd_ev]
-    if not res.ok:
+    if res.stdout.startswith(ABSENT):
         return failed(f"{path} is missing", *evidence)
     src = res.stdout.strip().splitlines()[-1].strip()
     if rdisk is None or disk_of(ctx, src) != rdisk:
@@ -132,8 +143,7 @@ def swap_on_resource_disk(ctx: CheckContext) -> CheckResult:
     disk_mib = devs[rdisk].size // (1024 * 1024) if rdisk in devs else 0
     if exp.swap == "file":
         plan_file = f"{exp.mount_point.rstrip('/')}/swapfile"
-        st = ctx.run(f"stat -c '%n %s bytes mode %a' {shlex.quote(plan_file)}; "
-                     f"findmnt -n -o SOURCE --target {shlex.quote(plan_file)}")
+        st = ctx.probe(swapfile_cmd(plan_file))
         logs = ctx.run(SWAP_LOG)
         evidence += [st, logs, lsblk]
         want = exp.swap_mib * 1024 * 1024
@@ -175,7 +185,7 @@ def not_on_os_disk(ctx: CheckContext) -> CheckResult:
     osd, os_ev = os_disk(ctx)
     active, swaps_ev = swaps(ctx)
     devs, _lsblk = topology(ctx)
-    fstab = ctx.run(FSTAB)
+    fstab_text, fstab = file_text(ctx, "/etc/fstab")
     plan = resource_plan(ctx)
     evidence = [swaps_ev, *os_ev, fstab]
     if osd is None:
@@ -190,7 +200,7 @@ def not_on_os_disk(ctx: CheckContext) -> CheckResult:
     for d in devs.values():
         if d.disk == osd and d.fstype == "swap" and not any(d.name in p for p in problems):
             problems.append(f"partition {d.name} on the OS disk is formatted as swap")
-    for line in fstab.stdout.splitlines():
+    for line in (fstab_text or "").splitlines():
         f = line.split("#", 1)[0].split()
         if len(f) >= 3 and f[2] == "swap":
             if f[0].startswith((plan.device, *RESOURCE_DISK_NAMES)):

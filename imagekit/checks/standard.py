@@ -10,7 +10,7 @@ import json
 import re
 import shlex
 
-from imagekit.checks.base import CheckContext, CheckResult, Evidence, check, failed, passed
+from imagekit.checks.base import ABSENT, PROBE_OK, CheckContext, CheckResult, Evidence, check, failed, passed
 from imagekit.checks.probes import (
     CMDLINE,
     WAAGENT_VERSION,
@@ -36,41 +36,79 @@ QEMU_ONLY_WAAGENT_ERRORS = ("unable to detect disk topology",)
 # which QEMU's user-mode DHCP cannot send (azure-platform.md §3, §4); on Azure the lease carries them.
 QEMU_ONLY_CLOUD_INIT_ERRORS = ("failure to find primary DHCP interface",)
 
+# Probes that read other users' files must run as root, or unreadable homes would look empty.
+AS_ROOT = ("[ \"$(id -u)\" -eq 0 ] || { echo 'imagekit probe: not running as root, so /etc/shadow and "
+           "home directories cannot be read' >&2; exit 1; }; ")
 HISTORY = (
-    "for d in /root $(awk -F: '$3>=1000 && $3<65534 {print $6}' /etc/passwd); do "
-    "for f in \"$d\"/.*history \"$d\"/.*_history; do [ -f \"$f\" ] && stat -c '%n %s' \"$f\"; done; "
-    "done | sort -u"
+    AS_ROOT + "homes=$(awk -F: '$3>=1000 && $3<65534 {print $6}' /etc/passwd) || exit 1; "
+    "for d in /root $homes; do for f in \"$d\"/.*history; do "
+    "if [ -f \"$f\" ]; then stat -c '%n %s' \"$f\" || exit 1; fi; done; done; "
+    f"echo {PROBE_OK}"
 )
 ACCOUNTS = (
-    "awk -F: '$3>=1000 && $3<65534 {print \"user \" $1 \" uid=\" $3 \" home=\" $6}' /etc/passwd; "
+    AS_ROOT + "awk -F: '$3>=1000 && $3<65534 {print \"user \" $1 \" uid=\" $3 \" home=\" $6}' /etc/passwd "
+    "|| exit 1; "
     "awk -F: '{s=$2; if (s == \"\") print \"empty-password \" $1; "
-    "else if (s ~ /^\\$/ || (length(s) >= 13 && s !~ /^[!*]/)) print \"password \" $1}' /etc/shadow; "
-    "getent passwd | awk -F: '{print $1 \" \" $6}' | while read -r u h; do "
+    "else if (s ~ /^\\$/ || (length(s) >= 13 && s !~ /^[!*]/)) print \"password \" $1}' /etc/shadow || exit 1; "
+    "pw=$(getent passwd) || exit 1; "
+    "printf '%s\\n' \"$pw\" | awk -F: '{print $1 \" \" $6}' | while read -r u h; do "
     "for f in \"$h/.ssh/authorized_keys\" \"$h/.ssh/authorized_keys2\"; do "
-    "[ -s \"$f\" ] && echo \"keys $u $f $(grep -c . \"$f\")\"; done; done; true"
+    "if [ -s \"$f\" ]; then n=$(grep -c . \"$f\"); [ $? -le 1 ] || exit 1; echo \"keys $u $f $n\"; fi; "
+    "done; done || exit 1; "
+    f"echo {PROBE_OK}"
 )
 MODULES = (
     "for m in udf vfat; do out=$(modprobe -n -v $m 2>&1); echo \"$m exit=$? ${out:-(loaded or built in)}\"; "
-    "done; modprobe --showconfig | grep -E '^(blacklist|install) (udf|vfat)( |$)' || true"
+    "done; cfg=$(modprobe --showconfig) || exit 1; "
+    "printf '%s\\n' \"$cfg\" | grep -E '^(blacklist|install) (udf|vfat)( |$)'; "
+    f"echo {PROBE_OK}"
 )
 INITRAMFS_HV = (
-    "k=$(uname -r); img=''; for f in /boot/initrd.img-$k /boot/initramfs-$k.img; do "
-    "[ -f \"$f\" ] && img=$f; done; echo \"initramfs: ${img:-none found for $k}\"; "
-    "if command -v lsinitramfs >/dev/null; then lsinitramfs \"$img\"; "
-    "elif command -v lsinitrd >/dev/null; then lsinitrd \"$img\"; fi 2>/dev/null "
-    "| grep -oE 'hv_(vmbus|storvsc|netvsc)\\.ko[.a-z]*' | sort -u; "
-    "grep -oE 'hv_(vmbus|storvsc|netvsc)\\.ko' /lib/modules/$k/modules.builtin 2>/dev/null "
-    "| sed 's/$/ (built in)/'"
+    "k=$(uname -r) || exit 1; img=''; for f in /boot/initrd.img-$k /boot/initramfs-$k.img; do "
+    "if [ -f \"$f\" ]; then img=$f; fi; done; echo \"initramfs: ${img:-none found for $k}\"; "
+    "if [ -n \"$img\" ]; then "
+    "if command -v lsinitramfs >/dev/null; then list=$(lsinitramfs \"$img\") || exit 1; "
+    "elif command -v lsinitrd >/dev/null; then list=$(lsinitrd \"$img\") || exit 1; "
+    "else echo 'imagekit probe: neither lsinitramfs nor lsinitrd is installed' >&2; exit 1; fi; "
+    "printf '%s\\n' \"$list\" | grep -oE 'hv_(vmbus|storvsc|netvsc)\\.ko[.a-z]*' | sort -u; fi; "
+    "b=/lib/modules/$k/modules.builtin; if [ -f \"$b\" ]; then "
+    "grep -oE 'hv_(vmbus|storvsc|netvsc)\\.ko' \"$b\" | sed 's/$/ (built in)/'; fi; "
+    f"echo {PROBE_OK}"
 )
+SERVICE_UNITS = ("ssh.service", "sshd.service", "walinuxagent.service", "waagent.service",
+                 "cloud-init-local.service", "cloud-init.service", "cloud-init-network.service")
 SERVICES = (
-    "for u in ssh.service sshd.service walinuxagent.service waagent.service cloud-init-local.service "
-    "cloud-init.service cloud-init-network.service; do "
+    "command -v systemctl >/dev/null || { echo 'imagekit probe: systemctl not found' >&2; exit 1; }; "
+    f"for u in {' '.join(SERVICE_UNITS)}; do "
     "s=$(systemctl is-enabled $u 2>/dev/null); echo \"$u ${s:-not-found}\"; done"
 )
+SERIAL = ("systemctl is-active serial-getty@ttyS0.service; systemctl is-enabled serial-getty@ttyS0.service "
+          "2>&1 | head -n 1")
+# systemd's ActiveState values: anything else on the first line means systemctl itself did not answer.
+ACTIVE_STATES = ("active", "inactive", "failed", "activating", "deactivating", "reloading", "maintenance",
+                 "refreshing")
+ARCH = "uname -m && getconf LONG_BIT"
+OPENSSL = f"if command -v openssl >/dev/null; then openssl version; else echo '{ABSENT}' openssl; fi"
+PYTHON = ("if command -v python3 >/dev/null; then python3 --version; "
+          "elif command -v python >/dev/null; then python --version 2>&1; "
+          f"else echo '{ABSENT}' python; fi")
+
+
+def _log_grep(path: str, pattern: str, extra: str = "") -> str:
+    """Shell: the matching lines of a log with numbers (nothing when none match), ``extra``, ``ls -l``;
+    an :data:`ABSENT` line when the log does not exist; a grep that failed (not "no match") fails it."""
+    return (f"f={path}; if [ ! -e $f ]; then echo '{ABSENT}' $f; else "
+            f"grep -nE '{pattern}' $f; [ $? -le 1 ] || exit 1; {extra}ls -l $f || exit 1; fi; echo {PROBE_OK}")
+
+
+WAAGENT_LOG = _log_grep("/var/log/waagent.log", " ERROR |Traceback|CRITICAL",
+                        f"grep -n '{SHIM_MARK}' $f | head -n 1; ")
+CLOUD_INIT_LOG = _log_grep("/var/log/cloud-init.log",
+                           "\\[(ERROR|CRITICAL)\\]|Traceback|\\[WARNING\\].*([Ff]ail|[Ee]rror)")
 
 
 def _cmdline_args(ctx: CheckContext) -> tuple[list[str], Evidence]:
-    res = ctx.run(CMDLINE)
+    res = ctx.probe(CMDLINE)
     return res.stdout.split(), res
 
 
@@ -160,11 +198,18 @@ def client_alive_interval(ctx: CheckContext) -> CheckResult:
     source="Azure certification: bash history cleared; LISA verify_bash_history_is_empty",
 )
 def shell_history(ctx: CheckContext) -> CheckResult:
-    res = ctx.run(HISTORY)
-    full = [ln for ln in res.stdout.splitlines() if ln.split() and ln.split()[-1] != "0"]
+    res = ctx.probe(HISTORY, marker=True)
+    files: dict[str, int] = {}
+    for ln in res.stdout.splitlines():
+        name, _, size = ln.rpartition(" ")
+        if not name or not size.isdigit():
+            raise ctx.probe_failed(f"unexpected line in the history listing: {ln[:200]!r}", res)
+        files[name] = int(size)
+    full = [name for name, size in files.items() if size > 0]
     if full:
-        return failed(f"{len(full)} non-empty history file(s): " + ", ".join(ln.split()[0] for ln in full), res)
-    return passed("no non-empty shell history files", res)
+        return failed(f"{len(full)} non-empty history file(s): " + ", ".join(full), res)
+    return passed(f"no non-empty shell history files ({len(files)} empty)" if files
+                  else "no shell history files", res)
 
 
 @check(
@@ -175,7 +220,7 @@ def shell_history(ctx: CheckContext) -> CheckResult:
     source="Azure certification: no default credentials; LISA verify_no_pre_exist_users",
 )
 def no_preexisting_users(ctx: CheckContext) -> CheckResult:
-    res = ctx.run(ACCOUNTS)
+    res = ctx.probe(ACCOUNTS, marker=True)
     me = ctx.profile.username
     problems: list[str] = []
     notes: list[str] = []
@@ -191,7 +236,7 @@ def no_preexisting_users(ctx: CheckContext) -> CheckResult:
         elif f[0] == "empty-password":
             problems.append(f"{f[1]} has an empty password")
         elif f[0] == "keys":
-            keys = ctx.run(f"cat {shlex.quote(f[2])}")
+            keys = ctx.probe(f"cat -- {shlex.quote(f[2])}")
             evidence.append(keys)
             if _refused_copies_of_ovf_keys(keys.stdout, ctx.profile.ssh_public_keys):
                 notes.append(f"{f[2]} holds only the OVF's keys with a forced command refusing login "
@@ -222,7 +267,9 @@ def _refused_copies_of_ovf_keys(text: str, ovf_keys: tuple[str, ...]) -> bool:
     source="Azure certification: Linux Agent ≥ 2.2.41; LISA verify_waagent_version",
 )
 def waagent_version(ctx: CheckContext) -> CheckResult:
-    res = ctx.run(WAAGENT_VERSION)
+    res = ctx.probe(WAAGENT_VERSION, ok=(0, 127))
+    if res.returncode == 127:
+        return failed("waagent is not installed", res)
     m = re.search(r"WALinuxAgent\s*-\s*(\d+(?:\.\d+)+)", res.stdout)
     if not m:
         return failed("waagent --version printed no version", res)
@@ -241,7 +288,7 @@ def waagent_version(ctx: CheckContext) -> CheckResult:
 )
 def agent_autoupdate(ctx: CheckContext) -> CheckResult:
     conf, res = waagent_conf(ctx)
-    if not res.ok:
+    if conf is None:
         return failed("/etc/waagent.conf is missing", res)
     value = conf.get("AutoUpdate.Enabled")
     ev = conf_lines(res, ("AutoUpdate.",))
@@ -259,18 +306,22 @@ def agent_autoupdate(ctx: CheckContext) -> CheckResult:
     source="Azure certification: 64-bit OS; LISA verify_azure_64bit_os",
 )
 def sixty_four_bit(ctx: CheckContext) -> CheckResult:
-    res = ctx.run("uname -m; getconf LONG_BIT")
+    res = ctx.probe(ARCH)
     lines = res.stdout.split()
-    if len(lines) < 2 or lines[0] not in ("x86_64", "aarch64") or lines[1] != "64":
+    if len(lines) < 2:
+        raise ctx.probe_failed("expected the machine and LONG_BIT on two lines", res)
+    if lines[0] not in ("x86_64", "aarch64") or lines[1] != "64":
         return failed(f"not a 64-bit system: {' '.join(lines) or 'no output'}", res)
     return passed(f"{lines[0]}, LONG_BIT {lines[1]}", res)
 
 
 def _tool_version(ctx: CheckContext, command: str, pattern: str, minimum: tuple[int, ...], what: str) -> CheckResult:
-    res = ctx.run(command)
-    m = re.search(pattern, res.stdout + res.stderr)
-    if not res.ok or not m:
+    res = ctx.probe(command)
+    if res.stdout.startswith(ABSENT):
         return failed(f"{what} is not installed", res)
+    m = re.search(pattern, res.stdout + res.stderr)
+    if not m:
+        raise ctx.probe_failed(f"printed no {what} version", res)
     if version_tuple(m.group(1)) < minimum:
         return failed(f"{what} {m.group(1)} is older than {'.'.join(map(str, minimum))}", res)
     return passed(f"{what} {m.group(1)}", res)
@@ -283,7 +334,7 @@ def _tool_version(ctx: CheckContext, command: str, pattern: str, minimum: tuple[
     source="Azure certification: OpenSSL ≥ 0.9.8; LISA verify_openssl_version",
 )
 def openssl(ctx: CheckContext) -> CheckResult:
-    return _tool_version(ctx, "openssl version", r"OpenSSL\s+(\d+\.\d+\.\d+)", (0, 9, 8), "OpenSSL")
+    return _tool_version(ctx, OPENSSL, r"OpenSSL\s+(\d+\.\d+\.\d+)", (0, 9, 8), "OpenSSL")
 
 
 @check(
@@ -293,7 +344,7 @@ def openssl(ctx: CheckContext) -> CheckResult:
     source="Azure certification: Python ≥ 2.6; LISA verify_python_version",
 )
 def python(ctx: CheckContext) -> CheckResult:
-    return _tool_version(ctx, "python3 --version || python --version", r"Python\s+(\d+\.\d+(?:\.\d+)?)",
+    return _tool_version(ctx, PYTHON, r"Python\s+(\d+\.\d+(?:\.\d+)?)",
                          (2, 6), "Python")
 
 
@@ -312,12 +363,12 @@ def root_partition(ctx: CheckContext) -> CheckResult:
     osd, os_ev = os_disk(ctx)
     if osd is None:
         return failed("could not tell which disk holds the root filesystem (LVM or unknown layout?)", *os_ev)
-    res = ctx.run(f"sfdisk -J {osd}")
+    res = ctx.probe(f"sfdisk -J {shlex.quote(osd)}")
     evidence: list[Evidence] = [res, *os_ev]
     try:
         table = json.loads(res.stdout)["partitiontable"]
     except (ValueError, KeyError, TypeError):
-        return failed(f"could not read the partition table of {osd}", *evidence)
+        raise ctx.probe_failed(f"sfdisk printed no partition table of {osd} (JSON)", res) from None
     sector = int(table.get("sectorsize", 512))
     parts = sorted(table.get("partitions", []), key=lambda p: int(p["start"]))
     if not parts:
@@ -350,7 +401,10 @@ def root_partition(ctx: CheckContext) -> CheckResult:
     source="create-upload-generic.md: udf and vfat modules enabled",
 )
 def udf_vfat(ctx: CheckContext) -> CheckResult:
-    res = ctx.run(MODULES)
+    res = ctx.probe(MODULES, marker=True)
+    seen = {f[0] for f in map(str.split, res.stdout.splitlines()) if len(f) >= 2 and f[1].startswith("exit=")}
+    if seen != {"udf", "vfat"}:
+        raise ctx.probe_failed("expected one 'exit=' line each for udf and vfat", res)
     problems = []
     for ln in res.stdout.splitlines():
         f = ln.split()
@@ -374,7 +428,7 @@ def udf_vfat(ctx: CheckContext) -> CheckResult:
     source="create-upload-generic.md: hv_vmbus, hv_netvsc and hv_storvsc in the initramfs",
 )
 def hv_initramfs(ctx: CheckContext) -> CheckResult:
-    res = ctx.run(INITRAMFS_HV)
+    res = ctx.probe(INITRAMFS_HV, marker=True)
     missing = [m for m in HV_MODULES if f"{m}.ko" not in res.stdout]
     if "initramfs: none found" in res.stdout:
         return failed("no initramfs found for the running kernel", res)
@@ -390,9 +444,8 @@ def hv_initramfs(ctx: CheckContext) -> CheckResult:
     source="LISA AzureImageStandard (boot and agent log errors)",
 )
 def waagent_log(ctx: CheckContext) -> CheckResult:
-    res = ctx.run("grep -nE ' ERROR |Traceback|CRITICAL' /var/log/waagent.log; "
-                  f"grep -n '{SHIM_MARK}' /var/log/waagent.log | head -n 1; ls -l /var/log/waagent.log")
-    if "No such file" in res.stderr and "waagent.log" in res.stderr:
+    res = ctx.probe(WAAGENT_LOG, marker=True)
+    if res.stdout.startswith(ABSENT):
         return failed("/var/log/waagent.log does not exist", res)
     shim_line = next((int(ln.split(":", 1)[0]) for ln in res.stdout.splitlines() if SHIM_MARK in ln), None)
     errors: list[str] = []
@@ -419,9 +472,8 @@ def waagent_log(ctx: CheckContext) -> CheckResult:
     agents=[Agent.CLOUD_INIT],
 )
 def cloud_init_log(ctx: CheckContext) -> CheckResult:
-    res = ctx.run("grep -nE '\\[(ERROR|CRITICAL)\\]|Traceback|\\[WARNING\\].*([Ff]ail|[Ee]rror)' "
-                  "/var/log/cloud-init.log; ls -l /var/log/cloud-init.log")
-    if "No such file" in res.stderr:
+    res = ctx.probe(CLOUD_INIT_LOG, marker=True)
+    if res.stdout.startswith(ABSENT):
         return failed("/var/log/cloud-init.log does not exist", res)
     lines = [ln for ln in res.stdout.splitlines() if re.match(r"^\d+:", ln)]
     excused = [ln for ln in lines if any(s in ln for s in QEMU_ONLY_CLOUD_INIT_ERRORS)]
@@ -442,8 +494,9 @@ def cloud_init_log(ctx: CheckContext) -> CheckResult:
 )
 def serial_console(ctx: CheckContext) -> CheckResult:
     args, cmd = _cmdline_args(ctx)
-    res = ctx.run("systemctl is-active serial-getty@ttyS0.service; systemctl is-enabled serial-getty@ttyS0.service "
-                  "2>&1 | head -n 1")
+    res = ctx.probe(SERIAL)
+    if res.stdout.split()[:1] and res.stdout.split()[0] not in ACTIVE_STATES:
+        raise ctx.probe_failed("systemctl is-active printed no unit state", res)
     problems = []
     if res.stdout.split()[:1] != ["active"]:
         problems.append("no getty on ttyS0 (serial-getty@ttyS0.service is not active)")
@@ -462,8 +515,10 @@ def serial_console(ctx: CheckContext) -> CheckResult:
     source="create-upload-generic.md: sshd enabled at boot; waagent (and cloud-init) enabled",
 )
 def services_enabled(ctx: CheckContext) -> CheckResult:
-    res = ctx.run(SERVICES)
+    res = ctx.probe(SERVICES)
     state = dict(ln.split(None, 1) for ln in res.stdout.splitlines() if len(ln.split(None, 1)) == 2)
+    if set(state) != set(SERVICE_UNITS):
+        raise ctx.probe_failed("expected one line per unit: " + ", ".join(SERVICE_UNITS), res)
     ok = ("enabled", "enabled-runtime", "alias", "static", "generated")
     problems = []
     if not any(state.get(u) in ok for u in ("ssh.service", "sshd.service")):
