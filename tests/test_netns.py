@@ -244,3 +244,90 @@ def test_child_and_payload_die_with_the_harness(tmp_path: Path) -> None:
         if h.poll() is None:
             h.kill()
             h.wait()
+
+
+# --- the relay's limits, in process (no namespace needed: the relays listen on 127.0.0.1 here) ---
+
+
+def test_a_guest_holding_connections_cannot_block_the_other_endpoints_or_the_harness_ssh(tmp_path: Path) -> None:
+    import asyncio
+
+    wire_sock, imds_sock, ssh_sock = tmp_path / "wire.sock", tmp_path / "imds.sock", tmp_path / "ssh.sock"
+    servers = [_serve(wire_sock, "wire"), _serve(imds_sock, "imds")]
+    sshd = socket.socket()
+    sshd.bind(("127.0.0.1", 0))
+    sshd.listen(8)
+    ssh_port = sshd.getsockname()[1]
+
+    def sshd_loop() -> None:
+        while True:
+            try:
+                conn, _ = sshd.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-guest\r\n")
+            conn.close()
+
+    threading.Thread(target=sshd_loop, daemon=True).start()
+    ports = [_free_port(), _free_port()]
+    config = netns.NamespaceConfig(
+        qemu_argv=[], parent_pid=os.getpid(), qemu_stderr="",
+        relays=[netns.Relay("127.0.0.1", ports[0], str(wire_sock)), netns.Relay("127.0.0.1", ports[1], str(imds_sock))],
+        ssh_socket=str(ssh_sock), ssh_port=ssh_port, guest_idle_timeout=1.0,
+    )
+    loop = asyncio.new_event_loop()
+    started = loop.run_until_complete(netns.start_services(config))
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def ask(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), 10) as s:
+            s.settimeout(10)
+            s.sendall(b"hello")
+            s.shutdown(socket.SHUT_WR)
+            return s.recv(100)
+
+    def ssh_banner() -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(ssh_sock))
+            return s.recv(100)
+
+    held: list[socket.socket] = []
+    try:
+        # The guest opens 64 connections to the WireServer and sends nothing (the attack).
+        for _ in range(64):
+            held.append(socket.create_connection(("127.0.0.1", ports[0]), 10))
+        time.sleep(0.3)
+        assert ssh_banner() == b"SSH-2.0-guest\r\n"  # the harness's way in is not the guest's budget
+        assert ask(ports[1]) == b"imds got hello"  # nor is another endpoint's
+        # One more to the full endpoint is refused at once (closed, no answer).
+        with socket.create_connection(("127.0.0.1", ports[0]), 10) as extra:
+            extra.settimeout(10)
+            assert extra.recv(100) == b""
+        # The idle deadline closes the held connections, and the endpoint serves again.
+        for s in held:
+            s.settimeout(30)
+            assert s.recv(100) == b""
+        deadline = time.monotonic() + 30
+        while ask(ports[0]) != b"wire got hello":
+            assert time.monotonic() < deadline, "the WireServer relay never served again"
+            time.sleep(0.1)
+    finally:
+        for s in held:
+            s.close()
+        for srv in started:
+            loop.call_soon_threadsafe(srv.close)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+        sshd.close()
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
