@@ -79,13 +79,17 @@ def make_disk(workdir: Path, disk_gib: int, data_mib: int) -> Path:
     return disk
 
 
-def capture_benchmark(workdir: Path, *, disk_gib: int = 30, data_mib: int = 1024, repeat: int = 3) -> list[Row]:
-    """Time imagekit's capture steps and its offline scan against baselines on one disk; see the module doc."""
+def _check_sizes(disk_gib: int, data_mib: int, repeat: int) -> None:
     if disk_gib < 1 or data_mib < 8 or data_mib >= (disk_gib << 10) // 2:
         raise InputError(f"disk {disk_gib} GiB with {data_mib} MiB of data",
                          hint="the disk must be at least 1 GiB and the data 8 MiB to half the disk")
     if repeat < 1:
         raise InputError(f"repeat {repeat}", hint="at least 1")
+
+
+def capture_benchmark(workdir: Path, *, disk_gib: int = 30, data_mib: int = 1024, repeat: int = 3) -> list[Row]:
+    """Time imagekit's capture steps and its offline scan against baselines on one disk; see the module doc."""
+    _check_sizes(disk_gib, data_mib, repeat)
     require("qemu-img", "cp", "openssl")
     disk = make_disk(workdir, disk_gib, data_mib)
     scratch = workdir / "out"

@@ -184,6 +184,12 @@ def _prepare_media(private: Path, base_image: Path, profile: ProvisioningProfile
     return _Media(profile=prof, key_path=key_path, overlay=overlay, resource_disk=resource, iso=iso)
 
 
+def _new_identity() -> VMIdentity:
+    """A new VM: a fresh VM UUID (its SMBIOS UUID and IMDS vmId) and MAC, the address QEMU's DHCP gives."""
+    return VMIdentity(vm_uuid=uuid.uuid4(), mac=qemu.random_mac(), ip=qemu.GUEST_DHCP_START,
+                      prefix_len=int(qemu.GUEST_NET.split("/")[1]))
+
+
 def _guest_network(fabric: Fabric, sockdir: Path, mac: str, hostname: str) -> GuestNetwork:
     """Start the VM's own fabric on Unix sockets in its private directory; the namespace relays to them."""
     sockdir.mkdir(mode=0o700)
@@ -270,11 +276,9 @@ def provision(
     a given profile gets the throwaway key added to its keys (the harness needs to log in).
     ``custom_data`` goes into the profile (the default one or the given one). ``workdir`` receives the
     run directory (console log, QEMU and namespace logs); default ``cache_dir()/runs/<time>-<name>``.
-    ``keep`` leaves the VM running when the block ends without an error (see
-    :attr:`ProvisionedVM.kept`), its fabric served by a detached keeper process
-    (:mod:`imagekit.fabric.keeper`) until the VM exits. ``ovf_transform`` rewrites the rendered
-    ovf-env.xml before it goes on the ISO (fault tests: an OVF the agent must reject; the fabric still
-    serves ``profile``).
+    ``keep`` leaves the VM running when the block ends without an error (:attr:`ProvisionedVM.kept`), its
+    fabric served by a detached keeper process (:mod:`imagekit.fabric.keeper`) until the VM exits.
+    ``ovf_transform`` rewrites the rendered ovf-env.xml before it goes on the ISO (fault tests).
 
     The phases: pre-launch (:func:`_prepare_media`), launch (the fabric, then QEMU in its namespace),
     post-launch (:func:`_wait_provisioned`, :func:`_login`), the caller's block, then keep
@@ -296,15 +300,12 @@ def provision(
         media = _prepare_media(private, Path(base_image), profile, hostname=profile.hostname if profile else
                                f"ik-{suffix}", username=username, custom_data=custom_data,
                                resource_disk_mib=resource_disk_mib, ovf_transform=ovf_transform)
-        vm_uuid = uuid.uuid4()
-        mac = qemu.random_mac()
-        identity = VMIdentity(vm_uuid=vm_uuid, mac=mac, ip=qemu.GUEST_DHCP_START,
-                              prefix_len=int(qemu.GUEST_NET.split("/")[1]))
+        identity = _new_identity()
         with Fabric(media.profile, identity, name=vm_name) as fabric:
-            network = _guest_network(fabric, private / "fabric", mac, media.profile.hostname)
+            network = _guest_network(fabric, private / "fabric", identity.mac, media.profile.hostname)
             with VM(vm_name, run_dir=run_dir, memory_mib=memory_mib, cpus=cpus, os_disk=media.overlay,
                     iso=media.iso, resource_disk=media.resource_disk, network=network, accel=accel,
-                    vm_uuid=vm_uuid, private_dir=private, keep=keep, timings=timings) as vm:
+                    vm_uuid=identity.vm_uuid, private_dir=private, keep=keep, timings=timings) as vm:
                 vlog = vm.log
                 ready = _wait_provisioned(vm, fabric, distro, ready_timeout)
                 guest, policy = _login(vm, distro, media, ssh_timeout)
