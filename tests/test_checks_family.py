@@ -23,8 +23,8 @@ from imagekit.ovf import ProvisioningProfile
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVxYW1wbGVrZXlmb3J0ZXN0c29ubHkxMjM0NTY3ODkw family-test"
 PROFILE = ProvisioningProfile(hostname="ikvm", username="azureuser", ssh_public_keys=(KEY,))
-FAMILY_CHECKS = ("family.hv-kvp-daemon", "family.no-persistent-net-rules", "family.sudo-no-targetpw",
-                 "family.rhel-network", "family.suse-dhcp-hostname", "family.repositories")
+FAMILY_CHECKS = ("standard.hv-kvp-daemon", "standard.no-persistent-net-rules", "standard.sudo-no-targetpw",
+                 "standard.rhel-network", "standard.suse-dhcp-hostname", "standard.repositories")
 
 # The Debian package's own files (hyperv-daemons 6.1.x, bookworm), as dpkg-deb -x unpacks them.
 DEBIAN_KVP_UNIT = """[Unit]
@@ -119,7 +119,7 @@ def debian_kvp_root(root: Path, *, rules: bool = True, binary: bool = True) -> P
 
 @needs_systemctl
 def test_kvp_passes_on_debians_packaging_and_says_running_is_not_observable(tmp_path: Path) -> None:
-    st, summary, ev = run_check("family.hv-kvp-daemon", debian_kvp_root(tmp_path))
+    st, summary, ev = run_check("standard.hv-kvp-daemon", debian_kvp_root(tmp_path))
     assert st is Status.PASS, (summary, ev)
     assert "hv-kvp-daemon.service started by udev when /dev/vmbus/hv_kvp appears" in summary
     assert "bound to the VMBus device (BindsTo=sys-devices-virtual-misc-vmbus" in summary
@@ -130,7 +130,7 @@ def test_kvp_passes_on_debians_packaging_and_says_running_is_not_observable(tmp_
 @needs_systemctl
 def test_kvp_fails_when_the_package_is_missing(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", "ID=debian\n")
-    st, summary, _ = run_check("family.hv-kvp-daemon", tmp_path)
+    st, summary, _ = run_check("standard.hv-kvp-daemon", tmp_path)
     assert st is Status.FAIL
     assert "no KVP daemon is installed" in summary and "hyperv-daemons" in summary
 
@@ -139,20 +139,20 @@ def test_kvp_fails_when_the_package_is_missing(tmp_path: Path) -> None:
 def test_kvp_fails_when_masked(tmp_path: Path) -> None:
     root = debian_kvp_root(tmp_path)
     link(root, "/etc/systemd/system/hv-kvp-daemon.service", "/dev/null")
-    st, summary, _ = run_check("family.hv-kvp-daemon", root)
+    st, summary, _ = run_check("standard.hv-kvp-daemon", root)
     assert st is Status.FAIL and "hv-kvp-daemon.service is masked" in summary
 
 
 @needs_systemctl
 def test_kvp_fails_when_disabled_and_nothing_starts_it(tmp_path: Path) -> None:
-    st, summary, _ = run_check("family.hv-kvp-daemon", debian_kvp_root(tmp_path, rules=False))
+    st, summary, _ = run_check("standard.hv-kvp-daemon", debian_kvp_root(tmp_path, rules=False))
     assert st is Status.FAIL
     assert "is disabled and no udev rule starts it" in summary
 
 
 @needs_systemctl
 def test_kvp_fails_when_the_daemon_binary_is_gone(tmp_path: Path) -> None:
-    st, summary, _ = run_check("family.hv-kvp-daemon", debian_kvp_root(tmp_path, binary=False))
+    st, summary, _ = run_check("standard.hv-kvp-daemon", debian_kvp_root(tmp_path, binary=False))
     assert st is Status.FAIL and "/usr/sbin/hv_kvp_daemon, which is not installed" in summary
 
 
@@ -162,17 +162,17 @@ def test_kvp_enabled_unit_passes_and_a_present_device_demands_it_runs(tmp_path: 
     put(tmp_path, "/usr/sbin/hypervkvpd", "#!/bin/sh\n", 0o755)
     link(tmp_path, "/etc/systemd/system/multi-user.target.wants/hypervkvpd.service",
          "/usr/lib/systemd/system/hypervkvpd.service")
-    st, summary, ev = run_check("family.hv-kvp-daemon", tmp_path, "azurelinux-3")
+    st, summary, ev = run_check("standard.hv-kvp-daemon", tmp_path, "azurelinux-3")
     assert st is Status.PASS, (summary, ev)
     assert "hypervkvpd.service enabled; bound to the VMBus device (ConditionPathExists=/dev/vmbus/hv_kvp)" in summary
     # With the VMBus device there (as on Hyper-V) the daemon must be running; offline it cannot be.
     put(tmp_path, "/dev/vmbus/hv_kvp")
-    st, summary, _ = run_check("family.hv-kvp-daemon", tmp_path, "azurelinux-3")
+    st, summary, _ = run_check("standard.hv-kvp-daemon", tmp_path, "azurelinux-3")
     assert st is Status.FAIL and "/dev/vmbus/hv_kvp exists but hypervkvpd.service is" in summary
 
 
 def test_kvp_does_not_apply_to_flatcar(tmp_path: Path) -> None:
-    st, summary, _ = run_check("family.hv-kvp-daemon", tmp_path, "flatcar")
+    st, summary, _ = run_check("standard.hv-kvp-daemon", tmp_path, "flatcar")
     assert st is Status.SKIP and "flatcar" in summary
 
 
@@ -184,13 +184,13 @@ def test_kvp_does_not_apply_to_flatcar(tmp_path: Path) -> None:
                                   "/lib/udev/rules.d/75-persistent-net-generator.rules"])
 def test_persistent_net_rules_fail(tmp_path: Path, path: str) -> None:
     put(tmp_path, path, 'SUBSYSTEM=="net", ATTR{address}=="00:15:5d:01:02:03", NAME="eth0"\n')
-    st, summary, _ = run_check("family.no-persistent-net-rules", tmp_path)
+    st, summary, _ = run_check("standard.no-persistent-net-rules", tmp_path)
     assert st is Status.FAIL and path in summary
 
 
 def test_no_persistent_net_rules_pass(tmp_path: Path) -> None:
     put(tmp_path, "/etc/udev/rules.d/60-other.rules", "# unrelated\n")
-    st, summary, _ = run_check("family.no-persistent-net-rules", tmp_path)
+    st, summary, _ = run_check("standard.no-persistent-net-rules", tmp_path)
     assert st is Status.PASS, summary
 
 
@@ -199,23 +199,23 @@ def test_no_persistent_net_rules_pass(tmp_path: Path) -> None:
 
 def test_targetpw_fails_in_sudoers_and_in_a_drop_in(tmp_path: Path) -> None:
     put(tmp_path, "/etc/sudoers", "Defaults env_reset\nDefaults targetpw   # ask for root's password\n")
-    st, summary, _ = run_check("family.sudo-no-targetpw", tmp_path, "sles-15")
+    st, summary, _ = run_check("standard.sudo-no-targetpw", tmp_path, "sles-15")
     assert st is Status.FAIL and "/etc/sudoers:2:Defaults targetpw" in summary
     put(tmp_path, "/etc/sudoers", "Defaults env_reset\n# Defaults targetpw\n")
     put(tmp_path, "/etc/sudoers.d/50-x", "Defaults    targetpw\n")
-    st, summary, _ = run_check("family.sudo-no-targetpw", tmp_path, "sles-15")
+    st, summary, _ = run_check("standard.sudo-no-targetpw", tmp_path, "sles-15")
     assert st is Status.FAIL and "/etc/sudoers.d/50-x:1:" in summary
 
 
 def test_commented_or_negated_targetpw_passes(tmp_path: Path) -> None:
     put(tmp_path, "/etc/sudoers", "# Defaults targetpw\nDefaults !targetpw\n%sudo ALL=(ALL:ALL) ALL\n")
-    st, summary, _ = run_check("family.sudo-no-targetpw", tmp_path)
+    st, summary, _ = run_check("standard.sudo-no-targetpw", tmp_path)
     assert st is Status.PASS, summary
 
 
 def test_missing_sudoers_fails(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
-    st, summary, _ = run_check("family.sudo-no-targetpw", tmp_path)
+    st, summary, _ = run_check("standard.sudo-no-targetpw", tmp_path)
     assert st is Status.FAIL and "/etc/sudoers does not exist" in summary
 
 
@@ -244,7 +244,7 @@ def rhel_root(root: Path, ifcfg: str | None = IFCFG_ETH0, network: str | None = 
 
 @needs_systemctl
 def test_rhel_network_passes_with_the_guides_files(tmp_path: Path) -> None:
-    st, summary, ev = run_check("family.rhel-network", rhel_root(tmp_path), "rhel-9")
+    st, summary, ev = run_check("standard.rhel-network", rhel_root(tmp_path), "rhel-9")
     assert st is Status.PASS, (summary, ev)
     assert "eth0 by ifcfg-eth0" in summary
 
@@ -255,11 +255,11 @@ def test_rhel_network_accepts_a_networkmanager_keyfile_for_eth0(tmp_path: Path) 
     put(root, "/etc/NetworkManager/system-connections/eth0.nmconnection",
         "[connection]\nid=System eth0\ntype=ethernet\ninterface-name=eth0\nautoconnect=true\n\n[ipv4]\nmethod=auto\n",
         0o600)
-    st, summary, _ = run_check("family.rhel-network", root, "rhel-9")
+    st, summary, _ = run_check("standard.rhel-network", root, "rhel-9")
     assert st is Status.PASS and "keyfile /etc/NetworkManager/system-connections/eth0.nmconnection" in summary
     put(root, "/etc/NetworkManager/system-connections/eth0.nmconnection",
         "[connection]\ninterface-name=eth0\n[ipv4]\nmethod=manual\naddress1=10.0.0.4/24\n", 0o600)
-    st, summary, _ = run_check("family.rhel-network", root, "rhel-9")
+    st, summary, _ = run_check("standard.rhel-network", root, "rhel-9")
     assert st is Status.FAIL and "ipv4 method=manual" in summary
 
 
@@ -275,12 +275,12 @@ def test_rhel_network_accepts_a_networkmanager_keyfile_for_eth0(tmp_path: Path) 
 ])
 def test_rhel_network_fails(tmp_path: Path, change: dict[str, object], expected: str) -> None:
     root = rhel_root(tmp_path, **change)  # type: ignore[arg-type]
-    st, summary, _ = run_check("family.rhel-network", root, "almalinux-9")
+    st, summary, _ = run_check("standard.rhel-network", root, "almalinux-9")
     assert st is Status.FAIL and expected in summary, summary
 
 
 def test_rhel_network_does_not_apply_to_debian(tmp_path: Path) -> None:
-    st, _, _ = run_check("family.rhel-network", tmp_path, "debian-12")
+    st, _, _ = run_check("standard.rhel-network", tmp_path, "debian-12")
     assert st is Status.SKIP
 
 
@@ -289,15 +289,15 @@ def test_rhel_network_does_not_apply_to_debian(tmp_path: Path) -> None:
 
 def test_suse_dhcp_hostname(tmp_path: Path) -> None:
     put(tmp_path, "/etc/sysconfig/network/dhcp", 'DHCLIENT_SEND_HOSTNAME="yes"\nDHCLIENT_SET_HOSTNAME="no"\n')
-    assert run_check("family.suse-dhcp-hostname", tmp_path, "sles-15")[0] is Status.PASS
+    assert run_check("standard.suse-dhcp-hostname", tmp_path, "sles-15")[0] is Status.PASS
     put(tmp_path, "/etc/sysconfig/network/dhcp", 'DHCLIENT_SET_HOSTNAME="yes"\n')
-    st, summary, _ = run_check("family.suse-dhcp-hostname", tmp_path, "sles-15")
+    st, summary, _ = run_check("standard.suse-dhcp-hostname", tmp_path, "sles-15")
     assert st is Status.FAIL and 'DHCLIENT_SET_HOSTNAME="yes"' in summary
     put(tmp_path, "/etc/sysconfig/network/dhcp", "# nothing set\n")
-    st, summary, _ = run_check("family.suse-dhcp-hostname", tmp_path, "opensuse-leap-15")
+    st, summary, _ = run_check("standard.suse-dhcp-hostname", tmp_path, "opensuse-leap-15")
     assert st is Status.FAIL and "no DHCLIENT_SET_HOSTNAME line" in summary
     (tmp_path / "etc/sysconfig/network/dhcp").unlink()
-    st, summary, _ = run_check("family.suse-dhcp-hostname", tmp_path, "sles-15")
+    st, summary, _ = run_check("standard.suse-dhcp-hostname", tmp_path, "sles-15")
     assert st is Status.FAIL and "does not exist" in summary
 
 
@@ -310,26 +310,26 @@ def test_debian_repositories_one_line_and_deb822(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", 'ID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n')
     put(tmp_path, "/etc/apt/sources.list",
         f"deb {MIRROR} bookworm main\ndeb {MIRROR}-security bookworm-security main\n")
-    st, summary, _ = run_check("family.repositories", tmp_path)
+    st, summary, _ = run_check("standard.repositories", tmp_path)
     assert st is Status.PASS and "bookworm" in summary
     put(tmp_path, "/etc/apt/sources.list", f"# deb {MIRROR} bookworm main\ndeb {MIRROR} sid main\n")
-    st, summary, _ = run_check("family.repositories", tmp_path)
+    st, summary, _ = run_check("standard.repositories", tmp_path)
     assert st is Status.FAIL and "suite(s) bookworm" in summary
     put(tmp_path, "/etc/apt/sources.list.d/debian.sources",
         f"Types: deb\nURIs: {MIRROR}\nSuites: bookworm bookworm-updates\nComponents: main\n")
-    assert run_check("family.repositories", tmp_path)[0] is Status.PASS
+    assert run_check("standard.repositories", tmp_path)[0] is Status.PASS
 
 
 def test_no_apt_sources_fails(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", "ID=debian\nVERSION_CODENAME=trixie\n")
-    st, summary, _ = run_check("family.repositories", tmp_path, "debian-13")
+    st, summary, _ = run_check("standard.repositories", tmp_path, "debian-13")
     assert st is Status.FAIL and "configured: none" in summary
 
 
 def test_ubuntu_needs_updates_and_security(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", "ID=ubuntu\nVERSION_CODENAME=noble\n")
     put(tmp_path, "/etc/apt/sources.list", "deb http://archive.invalid/ubuntu noble main\n")
-    st, summary, _ = run_check("family.repositories", tmp_path, "ubuntu-24.04")
+    st, summary, _ = run_check("standard.repositories", tmp_path, "ubuntu-24.04")
     assert st is Status.FAIL and "noble-updates, noble-security" in summary
 
 
@@ -337,36 +337,36 @@ def test_rhel_repositories(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", 'ID="almalinux"\n')
     put(tmp_path, "/etc/yum.repos.d/almalinux.repo",
         "[baseos]\nname=AlmaLinux $releasever - BaseOS\nenabled=1\n\n[appstream]\nname=AppStream\nenabled=0\n")
-    st, summary, _ = run_check("family.repositories", tmp_path, "almalinux-9")
+    st, summary, _ = run_check("standard.repositories", tmp_path, "almalinux-9")
     assert st is Status.FAIL and "BaseOS and AppStream" in summary
     put(tmp_path, "/etc/yum.repos.d/almalinux.repo", "[baseos]\nenabled=1\n[appstream]\nenabled=1\n")
-    assert run_check("family.repositories", tmp_path, "almalinux-9")[0] is Status.PASS
+    assert run_check("standard.repositories", tmp_path, "almalinux-9")[0] is Status.PASS
 
 
 def test_oracle_needs_a_latest_repository(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", 'ID="ol"\n')
     put(tmp_path, "/etc/yum.repos.d/oracle-linux-ol9.repo", "[ol9_baseos_latest]\nenabled=1\n")
-    assert run_check("family.repositories", tmp_path, "oraclelinux-9")[0] is Status.PASS
+    assert run_check("standard.repositories", tmp_path, "oraclelinux-9")[0] is Status.PASS
     put(tmp_path, "/etc/yum.repos.d/oracle-linux-ol9.repo", "[ol9_baseos_latest]\nenabled=0\n")
-    assert run_check("family.repositories", tmp_path, "oraclelinux-9")[0] is Status.FAIL
+    assert run_check("standard.repositories", tmp_path, "oraclelinux-9")[0] is Status.FAIL
 
 
 def test_suse_repositories(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", 'ID="sles"\n')
     put(tmp_path, "/etc/zypp/repos.d/pool.repo", "[SLE-Module-Basesystem15-SP6-Pool]\nenabled=1\nautorefresh=0\n")
-    st, summary, _ = run_check("family.repositories", tmp_path, "sles-15")
+    st, summary, _ = run_check("standard.repositories", tmp_path, "sles-15")
     assert st is Status.FAIL and "no Updates repository" in summary
     put(tmp_path, "/etc/zypp/repos.d/upd.repo", "[SLE-Module-Basesystem15-SP6-Updates]\nenabled=1\nautorefresh=1\n")
-    assert run_check("family.repositories", tmp_path, "sles-15")[0] is Status.PASS
+    assert run_check("standard.repositories", tmp_path, "sles-15")[0] is Status.PASS
     shutil.rmtree(tmp_path / "etc/zypp")
     put(tmp_path, "/etc/os-release", 'ID="opensuse-leap"\n')
     put(tmp_path, "/etc/zypp/repos.d/oss.repo", "[repo-oss]\nname=Main Repository\nenabled=1\nautorefresh=1\n")
     upd = "[repo-update]\nname=Main Update Repository\nenabled=1\nautorefresh="
     put(tmp_path, "/etc/zypp/repos.d/upd.repo", upd + "0\n")
-    st, summary, _ = run_check("family.repositories", tmp_path, "opensuse-leap-15")
+    st, summary, _ = run_check("standard.repositories", tmp_path, "opensuse-leap-15")
     assert st is Status.FAIL and "update" in summary  # not refreshed
     put(tmp_path, "/etc/zypp/repos.d/upd.repo", upd + "1\n")
-    assert run_check("family.repositories", tmp_path, "opensuse-leap-15")[0] is Status.PASS
+    assert run_check("standard.repositories", tmp_path, "opensuse-leap-15")[0] is Status.PASS
 
 
 # --- fail closed ----------------------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def test_suse_repositories(tmp_path: Path) -> None:
                          ids=["sudo-refused", "empty", "cut-short", "timeout"])
 @pytest.mark.parametrize("check_id", FAMILY_CHECKS)
 def test_a_probe_that_did_not_work_is_an_error(check_id: str, answer: tuple[int, str, str]) -> None:
-    distro_id = {"family.rhel-network": "rhel-9", "family.suse-dhcp-hostname": "sles-15"}.get(check_id, "debian-12")
+    distro_id = {"standard.rhel-network": "rhel-9", "standard.suse-dhcp-hostname": "sles-15"}.get(check_id, "debian-12")
     ctx = CheckContext(guest=BrokenGuest(*answer), distro=distros.get(distro_id), profile=PROFILE)
     r = catalogue()[check_id].run(ctx)
     assert r.status is Status.ERROR, (r.summary, r.evidence)

@@ -158,12 +158,12 @@ def _kvp_applies(d: Distro) -> str | None:
 
 
 @check(
-    "family.hv-kvp-daemon",
+    "standard.hv-kvp-daemon",
     title="Hyper-V KVP daemon installed and started on Azure",
     verifies="The Hyper-V key-value-pair daemon is installed (unit and binary present), not masked, and "
     "started on Azure — enabled, or pulled in by a udev rule when the VMBus KVP device appears — because "
-    "Azure reads the guest's network and provisioning telemetry through it. Under QEMU there is no VMBus, "
-    "so whether it runs can only be observed on Hyper-V.",
+    "Azure reads the guest's network and provisioning telemetry through it (whether it runs can only be "
+    "observed where VMBus exists, not under QEMU).",
     source="LISA verify_hv_kvp_daemon_installed (Azure Linux: must run; Debian family: reported when "
     "missing); debian-create-upload-vhd: hyperv-daemons installed; create-upload-generic and "
     "redhat-create-upload-vhd: install hyperv-daemons",
@@ -225,7 +225,7 @@ def hv_kvp_daemon(ctx: CheckContext) -> CheckResult:
 
 
 @check(
-    "family.no-persistent-net-rules",
+    "standard.no-persistent-net-rules",
     title="No persistent network udev rules",
     verifies="No udev rule pins interface names to MAC addresses (70-persistent-net.rules, cloud-init's "
     "85-persistent-net-cloud-init.rules) and no generator writes them (75-persistent-net-generator.rules), "
@@ -245,7 +245,7 @@ def no_persistent_net_rules(ctx: CheckContext) -> CheckResult:
 
 
 @check(
-    "family.sudo-no-targetpw",
+    "standard.sudo-no-targetpw",
     title="sudo does not ask for root's password",
     verifies="No sudoers file sets `Defaults targetpw`, because Azure images have no root password: with it, "
     "sudo asks for a password nobody has and the provisioned user cannot administer the VM.",
@@ -284,7 +284,7 @@ def _keyfiles(sec: dict[str, list[str]]) -> Iterator[tuple[str, dict[str, dict[s
 
 
 @check(
-    "family.rhel-network",
+    "standard.rhel-network",
     title="Network configuration (RHEL family)",
     verifies="/etc/sysconfig/network says NETWORKING=yes and eth0 comes up by DHCP at boot under "
     "NetworkManager — ifcfg-eth0 with DEVICE=eth0, BOOTPROTO=dhcp, ONBOOT=yes and not NM_CONTROLLED=no, or a "
@@ -343,7 +343,7 @@ def rhel_network(ctx: CheckContext) -> CheckResult:
 
 
 @check(
-    "family.suse-dhcp-hostname",
+    "standard.suse-dhcp-hostname",
     title="DHCP does not set the host name (SUSE)",
     verifies='/etc/sysconfig/network/dhcp sets DHCLIENT_SET_HOSTNAME="no", so the DHCP client does not '
     "overwrite the host name the agent provisioned from the VM's name.",
@@ -388,7 +388,7 @@ def _repos_applies(d: Distro) -> str | None:
 
 
 @check(
-    "family.repositories",
+    "standard.repositories",
     title="Package repositories configured",
     verifies="The package manager is configured with the family's repositories, so a VM made from the image "
     "can install security updates: Debian the release's suite (main), Ubuntu the release plus -updates and "
