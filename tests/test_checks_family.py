@@ -213,10 +213,15 @@ def test_commented_or_negated_targetpw_passes(tmp_path: Path) -> None:
     assert st is Status.PASS, summary
 
 
-def test_missing_sudoers_fails(tmp_path: Path) -> None:
+def test_missing_sudoers_sets_no_targetpw_and_says_so(tmp_path: Path) -> None:
+    # LISA reads /etc/sudoers and finds no targetpw line when there is none; sudo itself is checked elsewhere.
     (tmp_path / "etc").mkdir()
+    put(tmp_path, "/etc/sudoers.d/50-x", "Defaults targetpw\n")
     st, summary, _ = run_check("standard.sudo-no-targetpw", tmp_path)
-    assert st is Status.FAIL and "/etc/sudoers does not exist" in summary
+    assert st is Status.FAIL and "/etc/sudoers.d/50-x:1:" in summary
+    (tmp_path / "etc/sudoers.d/50-x").unlink()
+    st, summary, _ = run_check("standard.sudo-no-targetpw", tmp_path)
+    assert st is Status.PASS and "there is no /etc/sudoers" in summary
 
 
 # --- RHEL family network ------------------------------------------------------------------------------------------
