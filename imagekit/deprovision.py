@@ -124,6 +124,20 @@ class DeprovisionReport:
         return {"ok": self.ok, "seconds": round(self.seconds, 1), "steps": [s.as_dict() for s in self.steps]}
 
 
+def _no_file_names(q: str, paths: str, recursive: bool = False) -> str:
+    """Shell: true when no existing file among ``paths`` (a shell word list) holds the word ``q``; false
+    when one does *or grep fails* (an unreadable file proves nothing: grep exits 2, not 1 for "no match")."""
+    flags = "-rqw" if recursive else "-qw"
+    return (f"for f in {paths}; do [ -e \"$f\" ] || continue; grep {flags} -- {q} \"$f\"; "
+            "[ $? -eq 1 ] || exit 1; done")
+
+
+def _none_exist(globs: str) -> str:
+    """Shell: true when nothing matches any of ``globs`` (``! ls a b`` would also be true when only one
+    of them is missing, because ls then exits non-zero whatever else it found)."""
+    return f"for f in {globs}; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then exit 1; fi; done"
+
+
 def _conf_is(key: str, value: str) -> str:
     """Shell: true when waagent.conf sets ``key`` to ``value`` (the last assignment wins, as waagent reads it)."""
     return f'[ "$(sed -n "s/^{key}=//p" /etc/waagent.conf 2>/dev/null | tail -n1 | tr -d " ")" = {value} ]'
@@ -141,20 +155,21 @@ def _table_step(argv: tuple[str, ...], username: str) -> Step:
                   "[ -z \"$(ls -A /var/lib/waagent 2>/dev/null)\" ]"),
             Claim("/var/log/waagent.log is gone", "[ ! -e /var/log/waagent.log ]"),
             Claim("root's shell history is gone", "[ ! -e /root/.bash_history ]"),
-            Claim("DHCP leases are gone", "! ls /var/lib/dhcp/*lease* /var/lib/dhclient/* >/dev/null 2>&1"),
+            Claim("DHCP leases are gone", _none_exist("/var/lib/dhcp/*lease* /var/lib/dhclient/*")),
             Claim("SSH host keys are gone (Provisioning.RegenerateSshHostKeyPair=y)",
                   f"! {_conf_is('Provisioning.RegenerateSshHostKeyPair', 'y')} || "
-                  "! ls /etc/ssh/ssh_host_*key* >/dev/null 2>&1"),
+                  f"{{ {_none_exist('/etc/ssh/ssh_host_*key*')}; }}"),
             Claim("root's password is locked (Provisioning.DeleteRootPassword=y)",
                   f"! {_conf_is('Provisioning.DeleteRootPassword', 'y')} || "
                   "! grep -q '^root:[$]' /etc/shadow"),
         ]
         if "-deprovision+user" in argv:
             claims += [
-                Claim(f"user {username} is gone", f"! getent passwd {q} >/dev/null"),
+                # getent exits 2 for "no such user"; any other failure proves nothing
+                Claim(f"user {username} is gone", f"getent passwd {q} >/dev/null; [ $? -eq 2 ]"),
                 Claim(f"/home/{username} is gone", f"[ ! -e /home/{q} ]"),
                 Claim(f"no waagent sudoers line for {username}",
-                      f"! grep -qw -- {q} /etc/sudoers.d/waagent 2>/dev/null"),
+                      _no_file_names(q, "/etc/sudoers.d/waagent")),
             ]
     elif prog == "cloud-init" and "clean" in argv:
         claims.append(Claim("cloud-init instance state is gone (/var/lib/cloud/instance, instances/)",
@@ -183,7 +198,7 @@ def plan(distro: Distro, username: str) -> list[Step]:
              "grep -qv '^[[:space:]]*\\(#.*\\)\\?$' \"$f\" || { rm -f \"$f\"; echo \"removed $f (now empty)\"; }; done",
              "imagekit",
              (Claim(f"no sudoers rule names {username}",
-                    f"! grep -rqw -- {q} /etc/sudoers /etc/sudoers.d 2>/dev/null"),
+                    _no_file_names(q, "/etc/sudoers /etc/sudoers.d", recursive=True)),
               Claim("sudoers still parses", "visudo -c >/dev/null 2>&1 || ! command -v visudo >/dev/null"))),
         Step("drop root's login-refusal keys",
              # cloud-init's disable_root puts the user's key into root's authorized_keys behind a command
@@ -192,15 +207,15 @@ def plan(distro: Distro, username: str) -> list[Step]:
              f"sed -i \"/\\b{username}\\b/d\" $f; grep -q . $f || rm -f $f",
              "imagekit",
              (Claim(f"root's authorized_keys does not name {username}",
-                    f"! grep -qw -- {q} /root/.ssh/authorized_keys 2>/dev/null"),)),
+                    _no_file_names(q, "/root/.ssh/authorized_keys")),)),
         Step("replace the account-file backups",
              # useradd/userdel leave /etc/passwd- etc. holding the previous contents, i.e. the deleted user
              "for f in passwd group shadow gshadow subuid subgid; do [ -f /etc/$f ] || continue; "
              "if [ -f /etc/$f- ]; then cp -p /etc/$f /etc/$f-; fi; done",
              "imagekit",
              (Claim(f"no account-file backup names {username}",
-                    f"! grep -qw -- {q} /etc/passwd- /etc/group- /etc/shadow- /etc/gshadow- /etc/subuid- "
-                    "/etc/subgid- 2>/dev/null"),)),
+                    _no_file_names(q, "/etc/passwd- /etc/group- /etc/shadow- /etc/gshadow- /etc/subuid- "
+                                   "/etc/subgid-")),)),
         Step("remove DHCP leases again at shutdown",
              # dhclient keeps running (our SSH session needs the network) and writes its lease file again,
              # last when the interface goes down at shutdown; a unit that lives in /run (gone at the next
@@ -226,7 +241,7 @@ def plan(distro: Distro, username: str) -> list[Step]:
              "rm -f /root/.*_history /root/.lesshst /root/.viminfo",
              "imagekit",
              (Claim("no shell history under /root",
-                    "! ls /root/.*_history /root/.lesshst /root/.viminfo >/dev/null 2>&1"),)),
+                    _none_exist("/root/.*_history /root/.lesshst /root/.viminfo")),)),
         Step("empty the machine-id",
              # empty = "first boot": systemd makes a new id on the new VM (as Debian's cloud images ship it)
              ": > /etc/machine-id && { [ -L /var/lib/dbus/machine-id ] || rm -f /var/lib/dbus/machine-id; }",
@@ -241,7 +256,7 @@ def plan(distro: Distro, username: str) -> list[Step]:
              f"grep -rlw -- {q} /var/log 2>/dev/null | while IFS= read -r f; do : > \"$f\"; echo \"emptied $f\"; done; "
              "true",
              "imagekit",
-             (Claim(f"no file under /var/log names {username}", f"! grep -rqw -- {q} /var/log 2>/dev/null"),)),
+             (Claim(f"no file under /var/log names {username}", _no_file_names(q, "/var/log", recursive=True)),)),
         Step("flush to disk", "sync", "imagekit"),
     ]
     return steps
@@ -250,7 +265,8 @@ def plan(distro: Distro, username: str) -> list[Step]:
 def render_script(steps: list[Step], token: str) -> str:
     """One POSIX shell script: each step, its exit code, then each claim's result between markers."""
     m = f"@@{token}"
-    lines = ["exec 2>&1"]
+    # The claims read root-only files (shadow, sudoers, /root): run as anyone else, "it is gone" proves nothing.
+    lines = ["exec 2>&1", f"[ \"$(id -u)\" -eq 0 ] || {{ echo '{m} not-root'; exit 1; }}"]
     for i, s in enumerate(steps):
         lines.append(f"echo '{m} step {i}'")
         lines.append(f"( {s.command} ); rc=$?")
@@ -311,7 +327,14 @@ def deprovision(guest: Guest, distro: Distro, username: str, timings: Timings | 
         _precheck(guest, distro, username)
         token = secrets.token_hex(6)
         res = guest.run(render_script(steps, token), sudo=True, timeout=600)
-        results = parse_output(steps, res.stdout + res.stderr, token)
+        text = res.stdout + res.stderr
+        if not any(f"@@{token} {end}" in text.splitlines() for end in ("end", "abort")):
+            # the script did not run to its end (sudo refused, not root, killed): nothing it says can be trusted
+            tail = "\n".join(f"  | {ln}" for ln in text.strip().splitlines()[-15:])
+            why = "it ran as a user other than root" if f"@@{token} not-root" in text else f"exit code {res.returncode}"
+            raise BuildError(f"the deprovisioning script did not run to its end ({why}); nothing was verified"
+                             + (f":\n{tail}" if tail else ""))
+        results = parse_output(steps, text, token)
         report = DeprovisionReport(results, time.monotonic() - start)
         for r in results:
             log.info("  %s %s (%s)%s", "✔" if r.ok else "✘", r.name, r.source,
