@@ -117,3 +117,61 @@ def test_unreadable_passwd_makes_history_an_error(fake: FakeRoot) -> None:
     fake.mkdir("/etc/passwd")
     r = run_check("standard.shell-history", fake.guest())
     assert r.status is Status.ERROR, (r.summary, r.evidence)
+
+
+# --- sshd, fstab and swap, modules, the agent's log -------------------------------------------------------
+
+
+def test_sshd_settings_come_from_sshd_t_and_a_failing_sshd_is_an_error(fake: FakeRoot) -> None:
+    fake.tool("sshd", '[ "$1" = -T ] && printf "port 22\\npasswordauthentication yes\\nclientaliveinterval 300\\n"')
+    r = run_check("standard.client-alive-interval", fake.guest())
+    assert r.status is Status.FAIL and "ClientAliveInterval is 300" in r.summary, r.summary
+    assert run_check("provisioning.password-auth", fake.guest()).status is Status.FAIL
+    fake.tool("sshd", "echo 'sshd: no hostkeys available -- exiting.' >&2; exit 1")
+    r = run_check("standard.client-alive-interval", fake.guest())
+    assert r.status is Status.ERROR and "no hostkeys available" in r.evidence, (r.summary, r.evidence)
+
+
+LSBLK_JSON = ('{"blockdevices": [{"name": "/dev/sda", "kname": "/dev/sda", "type": "disk", "size": 32212254720, '
+              '"children": [{"name": "/dev/sda1", "kname": "/dev/sda1", "type": "part", "size": 32211206144, '
+              '"fstype": "ext4", "mountpoint": "/"}]}]}')
+
+
+def test_swap_in_fstab_and_proc_swaps_on_the_os_disk_is_found(fake: FakeRoot) -> None:
+    fake.tool("lsblk", f"echo '{LSBLK_JSON}'")
+    fake.tool("findmnt", 'case "$*" in *--target*) echo /dev/sda1 ;; *) echo "/dev/sda1 ext4" ;; esac')
+    fake.write("/etc/fstab", "# comment\nUUID=0a1b / ext4 errors=remount-ro 0 1\n/swap.img none swap sw 0 0\n")
+    fake.write("/proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n/swap.img file 1048572 0 -2\n")
+    r = run_check("swap.not-on-os-disk", fake.guest())
+    assert r.status is Status.FAIL, (r.summary, r.evidence)
+    assert "active swap /swap.img (file) is on the OS disk /dev/sda" in r.summary
+    assert "/etc/fstab activates swap from /swap.img" in r.summary
+    fake.write("/etc/fstab", "UUID=0a1b / ext4 errors=remount-ro 0 1\n")
+    fake.write("/proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
+    r = run_check("swap.not-on-os-disk", fake.guest())
+    assert r.status is Status.PASS, (r.summary, r.evidence)
+
+
+def test_a_blacklisted_udf_is_found_and_a_failing_showconfig_is_an_error(fake: FakeRoot) -> None:
+    fake.tool("modprobe", 'case "$1" in --showconfig) printf "alias foo bar\\nblacklist udf\\n" ;; *) exit 0 ;; esac')
+    r = run_check("standard.udf-vfat", fake.guest())
+    assert r.status is Status.FAIL and "udf is blacklisted" in r.summary, (r.summary, r.evidence)
+    fake.tool("modprobe", 'case "$1" in --showconfig) echo "modprobe: ERROR: could not open directory" >&2; '
+                          "exit 1 ;; *) exit 0 ;; esac")
+    r = run_check("standard.udf-vfat", fake.guest())
+    assert r.status is Status.ERROR and "could not open directory" in r.evidence, (r.summary, r.evidence)
+
+
+def test_waagent_log_errors_are_counted_and_a_missing_log_fails(fake: FakeRoot) -> None:
+    fake.write("/var/log/waagent.log",
+               "2026-11-22T01:00:00Z ERROR Daemon Failed to mount resource disk unable to detect disk topology\n"
+               "2026-11-22T01:00:30Z INFO Daemon imagekit test shim: device_for_ide_port(1) -> sdb\n"
+               "2026-11-22T01:02:00Z INFO ExtHandler fine\n"
+               "2026-11-22T01:03:00Z ERROR ExtHandler Failed to download\n")
+    r = run_check("standard.waagent-log", fake.guest())
+    assert r.status is Status.FAIL and r.summary.startswith("1 error line(s)") and "1 line(s) excused" in r.summary, \
+        r.summary
+    assert "4:2026-11-22T01:03:00Z ERROR ExtHandler Failed to download" in r.evidence
+    fake.path("/var/log/waagent.log").unlink()
+    r = run_check("standard.waagent-log", fake.guest())
+    assert r.status is Status.FAIL and "does not exist" in r.summary, (r.summary, r.evidence)
