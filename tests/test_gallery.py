@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import random
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from imagekit.capture import verify_artifacts
-from imagekit.errors import InputError
+from imagekit.errors import ImagekitError, InputError
 from imagekit.gallery import Gallery, Status
 from imagekit.versions import Version
 
@@ -216,3 +218,164 @@ def test_tasks_list_latest_deprecate_remove(tmp_path: Path) -> None:
     assert {(v["version"], v["status"]) for v in listing} == {("12.0.2", "deprecated"), ("12.0.1", "removed")}
     missing = inv("images", "--distro", "debian-12", "--latest")
     assert missing.returncode == 1 and "deprecated or past end of life" in missing.stderr
+
+
+# --- deterministic crash safety: fail or kill at each filesystem operation -----------------------------------
+
+# Every call that touches the file system on the way to a published version (or a deprecation or removal):
+# opens (also those mkstemp and fsync_dir make), directory and file creation and removal, renames, mode
+# changes, fsyncs, flocks. Path methods and shutil end in these os functions.
+_FS_OPS = ("open", "mkdir", "rename", "replace", "unlink", "rmdir", "chmod", "fchmod", "fsync", "link", "symlink",
+           "truncate", "ftruncate", "remove", "scandir", "listdir", "stat", "lstat", "utime", "sendfile",
+           "copy_file_range")
+
+
+class _Injected(OSError):
+    pass
+
+
+class _FaultAt:
+    """Count the file-system calls made inside ``with``; at call ``n`` (1-based) fail it or SIGKILL the process."""
+
+    def __init__(self, n: int, kill: bool = False) -> None:
+        self.n, self.kill, self.calls, self.hit = n, kill, 0, ""
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _wrap(self, owner: object, name: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            if self.calls == self.n:
+                self.hit = f"{name}{args!r}"[:300]
+                if self.kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise _Injected(5, f"injected failure at call {self.n}: {self.hit}")
+            return real(*args, **kwargs)
+
+        self._saved.append((owner, name, real))
+        setattr(owner, name, wrapper)
+
+    def __enter__(self) -> _FaultAt:
+        import fcntl
+
+        for name in _FS_OPS:
+            if hasattr(os, name):
+                self._wrap(os, name)
+        self._wrap(fcntl, "flock")
+        self._wrap(io, "open")  # pathlib's read_text/write_bytes/open
+        self._wrap(builtins, "open")  # shutil's copies, json files opened by name
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, real in reversed(self._saved):
+            setattr(owner, name, real)
+
+
+def _staged(g: Gallery, st: object) -> list[dict[str, object]]:
+    arts = []
+    for name, payload in (("disk.vhd", b"vhd" * 1000), ("disk.qcow2", b"qcow2" * 500)):
+        (st.path / name).write_bytes(payload)  # type: ignore[attr-defined]
+        arts.append({"name": name, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+    return arts
+
+
+def _prepare(root: Path) -> Gallery:
+    g = Gallery(root)
+    _register(g, "12.0.1")
+    _register(g, "12.0.2")
+    return g
+
+
+def _operation(g: Gallery, op: str, fault: _FaultAt) -> None:
+    if op == "register":
+        with g.staging() as st:
+            arts = _staged(g, st)
+            with fault:
+                g.register("debian-12", st, {"artifacts": arts}, Version(12, 0, 3))
+    elif op == "deprecate":
+        with fault:
+            g.deprecate("debian-12", "12.0.2", dt.date(2099, 1, 1))
+    else:
+        with fault:
+            g.remove("debian-12", "12.0.2")
+
+
+def _check_after(root: Path, op: str) -> str:
+    """The gallery after a failure or a kill: a readable index, complete versions only, and the operation
+    either fully done or not at all. Returns which of the two it was."""
+    if (root / "index.json").exists():
+        json.loads((root / "index.json").read_text())  # always parses
+    on_disk = _check_invariant(root)
+    g = Gallery(root)
+    listed = {str(v.version): v for v in g.versions("debian-12", include_removed=True)}
+    assert {"12.0.1", "12.0.2"} <= set(listed)
+    if op == "register":
+        state = "done" if "12.0.3" in on_disk else "not done"
+        assert ("12.0.3" in listed) == (state == "done")
+    elif op == "deprecate":
+        eol = listed["12.0.2"].end_of_life
+        assert eol in (None, dt.date(2099, 1, 1))
+        assert listed["12.0.2"].exclude_from_latest == (eol is not None)  # both fields or neither
+        state = "done" if eol else "not done"
+    else:
+        removed = listed["12.0.2"].removed_at is not None
+        assert removed == ("12.0.2" not in on_disk)
+        state = "done" if removed else "not done"
+    # the next write cleans up what was left, and works
+    _register(g, "12.0.9")
+    assert not [p.name for p in root.iterdir() if p.name.startswith((".staging-", ".trash-"))]
+    _check_invariant(root)
+    return state
+
+
+@pytest.mark.parametrize("op", ["register", "deprecate", "remove"])
+def test_a_failure_at_each_filesystem_operation_leaves_none_or_complete(tmp_path: Path, op: str) -> None:
+    outcomes: list[str] = []
+    for n in range(1, 500):
+        root = tmp_path / f"{op}-{n}"
+        g = _prepare(root)
+        fault = _FaultAt(n)
+        try:
+            _operation(g, op, fault)
+        except _Injected:
+            pass
+        except (OSError, ImagekitError) as exc:  # a failure the operation turned into its own error
+            assert "injected failure" in str(exc) or fault.hit, exc
+        if not fault.hit:  # the operation made fewer than n calls: every point has been tried
+            assert _check_after(root, op) == "done"
+            break
+        outcomes.append(f"{n} {fault.hit[:60]}: {_check_after(root, op)}")
+    else:
+        pytest.fail("the operation never completed")
+    assert len(outcomes) >= (8 if op == "register" else 4), outcomes
+    if op == "register":
+        assert any("rename" in o for o in outcomes) and any("replace" in o for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize("op", ["register", "deprecate", "remove"])
+def test_a_sigkill_at_each_filesystem_operation_leaves_none_or_complete(tmp_path: Path, op: str) -> None:
+    """The same points, but the process dies there (SIGKILL in a forked child): nothing in-process cleans up."""
+    killed = 0
+    for n in range(1, 500):
+        root = tmp_path / f"{op}-{n}"
+        g = _prepare(root)
+        pid = os.fork()
+        if pid == 0:  # the child: run the operation, die at call n or exit 0 when it made fewer calls
+            code = 0
+            try:
+                _operation(g, op, _FaultAt(n, kill=True))
+            except BaseException:
+                code = 3
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, f"{op}: the child failed without a kill at call {n}"
+            assert _check_after(root, op) == "done"
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        killed += 1
+        _check_after(root, op)
+    else:
+        pytest.fail("the operation never completed")
+    assert killed >= (8 if op == "register" else 4)

@@ -64,3 +64,15 @@ def test_default_scheme_runs_out_after_100_builds() -> None:
     taken = [Version(12, 0, 2026112200 + i) for i in range(100)]
     with pytest.raises(InputError, match="--version"):
         default_version("12", taken, day)
+
+
+@pytest.mark.parametrize("text", ["1.0." + "9" * 5000, "9" * 4301 + ".0.0", "1." + "1" * 11 + ".0"])
+def test_overlong_parts_are_refused_with_a_short_message(text: str) -> None:
+    """Python's int() refuses over 4300 digits (ValueError, not ours); 11 digits is over 2147483647 anyway."""
+    with pytest.raises(InputError, match=r"Major\.Minor\.Patch.*2147483647") as info:
+        Version.parse(text)
+    assert len(str(info.value)) < 400
+
+
+def test_distro_major_minor_of_an_overlong_number() -> None:
+    assert distro_major_minor("9" * 5000) == (MAX_PART, 0)
