@@ -316,8 +316,15 @@ def test_a_guest_holding_connections_cannot_block_the_other_endpoints_or_the_har
     finally:
         for s in held:
             s.close()
-        for srv in started:
-            loop.call_soon_threadsafe(srv.close)
+        async def stop() -> None:
+            for srv in started:
+                srv.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         runner.join(10)
         loop.close()
