@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from imagekit.checks import probes, provisioning, standard
+from imagekit.checks import family, probes, provisioning, standard
 from imagekit.checks.base import ABSENT, PROBE_OK
 from imagekit.checks.provisioning import OVF_COPY
 from imagekit.checks.resource_disk import SWAP_LOG, readme_cmd, swapfile_cmd
@@ -181,7 +181,32 @@ def healthy_waagent() -> dict[str, Answer]:
         standard.SERVICES: "ssh.service enabled\nsshd.service alias\nwalinuxagent.service enabled\n"
                            "waagent.service not-found\ncloud-init-local.service not-found\n"
                            "cloud-init.service not-found\ncloud-init-network.service not-found\n",
+        # What Debian 12's hyperv-daemons package installs: a unit bound to the VMBus KVP device, started by
+        # its udev rule (no VMBus under QEMU, so the device is absent).
+        family.KVP_PROBE: ok(KVP_HEALTHY),
+        family.NET_RULES_PROBE: ok(),
+        family.SUDOERS_PROBE: ok("sudoers present\n"),
+        family.REPOS_PROBE: ok(REPOS_HEALTHY),
     }
+
+
+KVP_HEALTHY = (
+    "unit hv-kvp-daemon.service file /lib/systemd/system/hv-kvp-daemon.service\n"
+    "unit hv-kvp-daemon.service is-enabled disabled\n"
+    "unit hv-kvp-daemon.service line BindsTo=sys-devices-virtual-misc-vmbus\\x21hv_kvp.device\n"
+    "unit hv-kvp-daemon.service line ExecStart=/usr/sbin/hv_kvp_daemon -n\n"
+    "unit hv-kvp-daemon.service exec-ok /usr/sbin/hv_kvp_daemon\n"
+    'rule /lib/udev/rules.d/60-hyperv-daemons.rules:KERNEL=="vmbus/hv_kvp", TAG+="systemd", '
+    'ENV{SYSTEMD_WANTS}+="hv-kvp-daemon.service"\n'
+    "device absent\n"
+)
+REPOS_HEALTHY = (
+    "== /etc/os-release\nVERSION_ID=\"12\"\nVERSION_CODENAME=bookworm\nID=debian\n"
+    "== /etc/apt/sources.list\n"
+    "deb http://mirror.example/debian bookworm main\n"
+    "deb http://mirror.example/debian bookworm-updates main\n"
+    "deb http://mirror.example/debian-security bookworm-security main\n"
+)
 
 
 def healthy_cloudinit(swap: bool = True) -> dict[str, Answer]:

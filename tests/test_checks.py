@@ -17,6 +17,7 @@ from imagekit.checks import (
     RecordedFabric,
     Status,
     catalogue,
+    family,
     overall_ok,
     plan_for,
     probes,
@@ -37,6 +38,7 @@ from tests.guest_double import (
     PROFILE,
     READLINK,
     README_CMD,
+    REPOS_HEALTHY,
     SERIAL_CMD,
     SFDISK,
     SSHD_T,
@@ -88,7 +90,10 @@ def test_healthy_guest_passes_every_applicable_check(distro_id: str) -> None:
     assert bad == []
     assert overall_ok(runs)
     skipped = {r.check.id for r in runs if r.result.status is Status.SKIP}
-    assert skipped == ({"standard.cloud-init-log"} if distro_id == "debian-12" else {"resource-disk.readme"})
+    # the RHEL- and SUSE-family network checks never apply to Debian
+    family_only = {"standard.rhel-network", "standard.suse-dhcp-hostname"}
+    assert skipped == family_only | (
+        {"standard.cloud-init-log"} if distro_id == "debian-12" else {"resource-disk.readme"})
 
 
 def test_swap_disabled_configuration_passes_and_says_so() -> None:
@@ -333,6 +338,25 @@ SCENARIOS = [
              distro="debian-12-cloudinit"),
     Scenario("no serial getty", "standard.serial-console", {SERIAL_CMD: "inactive\ndisabled\n"},
              "no getty on ttyS0", "inactive"),
+    Scenario("KVP daemon not installed", "standard.hv-kvp-daemon", {family.KVP_PROBE: ok("device absent\n")},
+             "hyperv-daemons", "device absent"),
+    Scenario("persistent net rules left", "standard.no-persistent-net-rules",
+             {family.NET_RULES_PROBE: ok("present /etc/udev/rules.d/70-persistent-net.rules 212 bytes\n")},
+             "70-persistent-net.rules", "212 bytes"),
+    Scenario("sudo asks for the target's password", "standard.sudo-no-targetpw",
+             {family.SUDOERS_PROBE: ok("/etc/sudoers:9:Defaults targetpw\nsudoers present\n")},
+             "targetpw", "/etc/sudoers:9"),
+    Scenario("apt sources of another release", "standard.repositories",
+             {family.REPOS_PROBE: ok(REPOS_HEALTHY.replace(" bookworm", " bullseye"))},
+             "bookworm", "bullseye-updates"),
+    Scenario("RHEL: NETWORKING=no", "standard.rhel-network",
+             {family.RHEL_NETWORK_PROBE: ok("== /etc/sysconfig/network\nNETWORKING=no\n"
+                                            "== /etc/sysconfig/network-scripts/ifcfg-eth0\nDEVICE=eth0\n"
+                                            "BOOTPROTO=dhcp\nONBOOT=yes\n== NetworkManager.service\nenabled\n")},
+             "NETWORKING=yes", "NETWORKING=no", distro="rhel-9"),
+    Scenario("SUSE: DHCP sets the host name", "standard.suse-dhcp-hostname",
+             {family.SUSE_DHCP_PROBE: ok('12:DHCLIENT_SET_HOSTNAME="yes"\n')},
+             'DHCLIENT_SET_HOSTNAME="yes"', "12:DHCLIENT", distro="sles-15"),
     Scenario("sshd disabled", "standard.services-enabled",
              {standard.SERVICES: "ssh.service disabled\nsshd.service not-found\nwalinuxagent.service enabled\n"
                                  "waagent.service not-found\ncloud-init-local.service not-found\n"

@@ -296,7 +296,7 @@ def catalogue() -> dict[str, Check]:
 
 def _load_all() -> None:
     # The check modules register themselves on import.
-    from imagekit.checks import provisioning, resource_disk, standard  # noqa: F401
+    from imagekit.checks import family, provisioning, resource_disk, standard  # noqa: F401
 
 
 def select(ids: Sequence[str] | None = None, categories: Sequence[str] | None = None) -> list[Check]:
