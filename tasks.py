@@ -15,8 +15,8 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from imagekit.errors import ImagekitError
-from imagekit.log import setup_logging
+from imagekit.core.errors import ImagekitError
+from imagekit.core.log import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,7 +57,7 @@ def distros(c: Context, json: bool = False, buildable: bool = False, verbose: bo
     """Print the distro table: id, agent, image source, and whether it can be built on this machine."""
     import json as json_mod
 
-    from imagekit import distros as table
+    from imagekit.config import distros as table
 
     entries = []
     for d in table.default_table().values():
@@ -108,8 +108,8 @@ def iso(
     verbose: bool = False,
 ) -> None:
     """Write an OVF provisioning ISO (ovf-env.xml on ISO9660+Joliet+Rock Ridge+UDF) that Azure's agents read."""
-    from imagekit.iso import check_output_path, write_ovf_iso
-    from imagekit.ovf import ProvisioningProfile
+    from imagekit.config.profile import ProvisioningProfile
+    from imagekit.media.iso import check_output_path, write_ovf_iso
 
     missing = [f"--{n}" for n, v in (("hostname", hostname), ("username", username), ("output", output)) if not v]
     if missing:
@@ -140,7 +140,7 @@ def base(c: Context, distro: str = "debian-12", rebuild: bool = False, prune: bo
     The image is read-only: put a qcow2 overlay on it, never write to it.
     """
     from imagekit import base as base_images
-    from imagekit import distros as table
+    from imagekit.config import distros as table
 
     img = base_images.ensure_base(table.get(distro), rebuild=rebuild)
     if prune:
@@ -172,9 +172,9 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
     """
     from pathlib import Path
 
-    from imagekit import distros as table
-    from imagekit.ovf import CUSTOM_DATA_MAX, read_input_file, validate_custom_data
-    from imagekit.provision import provision as provision_vm
+    from imagekit.config import distros as table
+    from imagekit.config.profile import CUSTOM_DATA_MAX, read_input_file, validate_custom_data
+    from imagekit.provision.launch import provision as provision_vm
 
     d = table.get(distro)
     data = None
@@ -202,7 +202,7 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
 @_cli
 def vms(c: Context, verbose: bool = False) -> None:
     """List the VMs left running with --keep: name, state, when kept, how to log in."""
-    from imagekit import kept
+    from imagekit.vm import kept
 
     rows = kept.list_kept()
     if not rows:
@@ -221,8 +221,8 @@ def vms(c: Context, verbose: bool = False) -> None:
 @_cli
 def vm_stop(c: Context, name: str = "", all: bool = False, verbose: bool = False) -> None:
     """Stop a VM left running with --keep (QEMU, its namespace and its fabric) and remove its secrets."""
-    from imagekit import kept
-    from imagekit.errors import InputError
+    from imagekit.core.errors import InputError
+    from imagekit.vm import kept
 
     if bool(name) == all:
         raise InputError("vm-stop needs exactly one of --name NAME or --all")
@@ -258,10 +258,10 @@ def check(
     """Provision a throwaway VM, run the checks over SSH, write reports; exit code 1 if a check fails."""
     from pathlib import Path
 
-    from imagekit import distros as table
+    from imagekit.checkrun import check_distro
     from imagekit.checks import catalogue, select, summary_table
-    from imagekit.checks.pipeline import check_distro
-    from imagekit.errors import CheckFailed, InputError
+    from imagekit.config import distros as table
+    from imagekit.core.errors import CheckFailed, InputError
 
     if not distro:
         raise InputError("missing required option --distro", hint="see: invoke distros")
@@ -314,8 +314,8 @@ def build(
 
     from imagekit.build import BuildOptions
     from imagekit.build import build as run_build
-    from imagekit.errors import InputError
-    from imagekit.versions import Version
+    from imagekit.core.errors import InputError
+    from imagekit.core.versions import Version
 
     if not distro:
         raise InputError("missing required option --distro", hint="see: invoke distros")
@@ -349,7 +349,7 @@ def images(c: Context, distro: str = "", latest: bool = False, all: bool = False
     """List the local gallery's image versions, latest first, with their status."""
     import json as jsonlib
 
-    from imagekit.errors import InputError
+    from imagekit.core.errors import InputError
     from imagekit.gallery import Gallery
 
     g = Gallery()
@@ -389,9 +389,9 @@ def images(c: Context, distro: str = "", latest: bool = False, all: bool = False
 def images_deprecate(c: Context, distro: str = "", version: str = "", end_of_life: str = "",
                      keep_in_latest: bool = False, verbose: bool = False) -> None:
     """Deprecate an image version: set its end-of-life date and exclude it from latest."""
-    from imagekit.errors import InputError
+    from imagekit.core.errors import InputError
+    from imagekit.core.versions import Version
     from imagekit.gallery import Gallery, parse_end_of_life
-    from imagekit.versions import Version
 
     if not (distro and version and end_of_life):
         raise InputError("--distro, --version and --end-of-life are required")
@@ -411,7 +411,7 @@ def images_deprecate(c: Context, distro: str = "", version: str = "", end_of_lif
 @_cli
 def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool = False) -> None:
     """Remove an image version's files from the gallery (its number is never reused)."""
-    from imagekit.errors import InputError
+    from imagekit.core.errors import InputError
     from imagekit.gallery import Gallery
 
     if not (distro and version):
@@ -425,8 +425,8 @@ def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool
 def _check_known_distro(gallery: Any, distro: str) -> None:
     """An unknown distro id is an error listing the known ones: the distro table's and any id that has
     versions in the gallery (also removed ones; an id dropped from the table stays listable)."""
-    from imagekit import distros as table
-    from imagekit.errors import InputError
+    from imagekit.config import distros as table
+    from imagekit.core.errors import InputError
 
     known = set(table.default_table()) | {v.distro for v in gallery.versions(include_removed=True)}
     if distro not in known:

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagekit import capture
-from imagekit.deprovision import scan_image
-from imagekit.errors import InputError
-from imagekit.leakscan import ScanInput
-from imagekit.run import require, run
+from imagekit.core.errors import InputError
+from imagekit.core.run import require, run
+from imagekit.generalize.deprovision import scan_image
+from imagekit.scan.rules import ScanInput
 
 MIB = 1 << 20
 

@@ -30,20 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import imagekit
-from imagekit import distros
 from imagekit.capture import VHD_NAME, capture
-from imagekit.deprovision import DeprovisionReport, check_image, deprovision
-from imagekit.distros import Distro, Family, SourceKind
-from imagekit.errors import BuildError, CheckFailed, ImagekitError
+from imagekit.config import distros
+from imagekit.config.distros import Distro, Family, SourceKind
+from imagekit.core.errors import BuildError, CheckFailed, ImagekitError
+from imagekit.core.log import Timings, step
+from imagekit.core.paths import REPO_ROOT, cache_dir
+from imagekit.core.run import run
+from imagekit.core.versions import Version
 from imagekit.gallery import Gallery, ImageVersion
-from imagekit.guest import Guest
-from imagekit.leakscan import Finding, ScanInput
-from imagekit.log import Timings, step
-from imagekit.paths import REPO_ROOT, cache_dir
-from imagekit.run import run
-from imagekit.versions import Version
+from imagekit.generalize.deprovision import DeprovisionReport, check_image, deprovision
+from imagekit.scan.rules import Finding, ScanInput
+from imagekit.vm.guest import Guest
 
-log = logging.getLogger("imagekit.build")
+log = logging.getLogger(__name__)
 
 VERIFY_READY_TIMEOUT = 420.0
 VERIFY_SSH_TIMEOUT = 240.0
@@ -158,7 +158,7 @@ def _base_meta(base: Any) -> dict[str, Any]:
 
 
 def _run_checks(pvm: Any, distro: Distro, plan: Any, report_dir: Path, what: str) -> Any:
-    from imagekit.checks.pipeline import check_provisioned
+    from imagekit.checkrun import check_provisioned
 
     outcome = check_provisioned(pvm, plan=plan, report_dir=report_dir)
     if not outcome.ok:
@@ -171,8 +171,8 @@ def _run_checks(pvm: Any, distro: Distro, plan: Any, report_dir: Path, what: str
 def build(distro_id: str, options: BuildOptions | None = None) -> BuildResult:
     """Run the whole pipeline for ``distro_id`` and register the image; raises on any failure."""
     from imagekit.base import ensure_base
-    from imagekit.checks.resource_setup import plan_for, resource_disk_custom_data, undo_test_setup
-    from imagekit.provision import provision
+    from imagekit.provision.launch import provision
+    from imagekit.provision.resource_setup import plan_for, resource_disk_custom_data, undo_test_setup
 
     opts = options or BuildOptions()
     d = distros.get(distro_id)

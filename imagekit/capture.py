@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagekit.errors import BuildError
-from imagekit.log import Timings, step
-from imagekit.run import require, run
+from imagekit.core.errors import BuildError
+from imagekit.core.log import Timings, step
+from imagekit.core.run import require, run
 
 MiB = 1 << 20
 GiB = 1 << 30

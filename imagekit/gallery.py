@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from imagekit.capture import MANIFEST_NAME
-from imagekit.errors import BuildError, InputError
-from imagekit.fsutil import fsync_dir, write_json_atomic
-from imagekit.paths import IMAGES_DIR
-from imagekit.versions import Version, default_version
+from imagekit.core.errors import BuildError, InputError
+from imagekit.core.fsutil import fsync_dir, write_json_atomic
+from imagekit.core.paths import IMAGES_DIR
+from imagekit.core.versions import Version, default_version
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1

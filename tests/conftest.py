@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagekit.paths import REPO_ROOT
+from imagekit.core.paths import REPO_ROOT
 
 SHARED = REPO_ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "walinuxagent"

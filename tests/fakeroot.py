@@ -23,7 +23,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from imagekit.guest import CommandResult
+from imagekit.vm.guest import CommandResult
 
 ALWAYS_REPLACED = ("/root", "/home")
 OVERLAID = ("etc", "var", "boot")
@@ -71,7 +71,7 @@ class FakeRoot:
 
 
 class FakeRootGuest:
-    """:class:`imagekit.guest.Guest` over a :class:`FakeRoot`; ``uid`` runs the command as that user
+    """:class:`imagekit.vm.guest.Guest` over a :class:`FakeRoot`; ``uid`` runs the command as that user
     (what a guest whose sudo did not take effect would do)."""
 
     def __init__(self, fake: FakeRoot, replace: tuple[str, ...] = (), uid: int | None = None) -> None:

@@ -1,6 +1,6 @@
 """A test double for the guest: answers each command from a table of canned outputs.
 
-It stands in for the SSH connection (:class:`imagekit.guest.Guest`) in unit tests of the checks, so each
+It stands in for the SSH connection (:class:`imagekit.vm.guest.Guest`) in unit tests of the checks, so each
 scenario can describe a guest that is wrong in one precise way. A command it has no answer for exits 127
 and is recorded in ``unanswered``, so a test can prove that its scenario covers every command a check ran.
 ``healthy_waagent()`` and ``healthy_cloudinit()`` describe a correctly built, provisioned Debian 12 guest
@@ -13,13 +13,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from imagekit.checks import family, probes, provisioning, standard
-from imagekit.checks.base import ABSENT, PROBE_OK
-from imagekit.checks.provisioning import OVF_COPY
-from imagekit.checks.resource_disk import SWAP_LOG, readme_cmd, swapfile_cmd
-from imagekit.checks.resource_setup import RESOURCE_DISK, SHIM_MARK
-from imagekit.guest import CommandResult
-from imagekit.ovf import ProvisioningProfile
+from imagekit.checks import probes
+from imagekit.checks.categories import family, provisioning, standard
+from imagekit.checks.categories.provisioning import OVF_COPY
+from imagekit.checks.categories.resource_disk import SWAP_LOG, readme_cmd, swapfile_cmd
+from imagekit.checks.registry import ABSENT, PROBE_OK
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.provision.resource_setup import RESOURCE_DISK, SHIM_MARK
+from imagekit.vm.guest import CommandResult
 
 Answer = str | tuple[int, str, str]  # stdout, or (returncode, stdout, stderr)
 

@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imagekit.errors import HostError
-from imagekit.paths import cache_dir
-from imagekit.run import run
+from imagekit.core.errors import HostError
+from imagekit.core.paths import cache_dir
+from imagekit.core.run import run
 
 PACKAGES = ("waagent", "cloud-init")
 SITE = Path("usr/lib/python3/dist-packages")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
 from imagekit.base import (
     MIN_FREE_MIB,
     apt,
@@ -24,7 +23,8 @@ from imagekit.base import (
     static_inputs,
 )
 from imagekit.base.inspect import open_image
-from imagekit.errors import BuildError, CommandError, InputError
+from imagekit.config import distros
+from imagekit.core.errors import BuildError, CommandError, InputError
 
 BOOTSTRAP_IDS = ("debian-11", "debian-12", "debian-12-cloudinit", "debian-13", "debian-13-cloudinit")
 
@@ -359,7 +359,7 @@ def test_prune_keeps_the_newest_and_any_image_in_use(tmp_path: Path) -> None:
 
 def test_unreachable_mirror_falls_back_to_an_image_built_from_the_same_inputs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imagekit.errors import HostError
+    from imagekit.core.errors import HostError
 
     def offline(sources: list[apt.AptSource]) -> tuple[dict[str, str], list[apt.AptSource]]:
         raise HostError("cannot reach the Debian mirror (test)")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
 from imagekit.base import cache, customize, disk, ensure_base
 from imagekit.base.download import (
     DownloadError,
@@ -34,8 +33,9 @@ from imagekit.base.download import (
     parse_checksums,
 )
 from imagekit.base.inspect import open_image
-from imagekit.distros import Compression, Distro, Family, ImageFormat, Source, SourceKind
-from imagekit.errors import BuildError
+from imagekit.config import distros
+from imagekit.config.distros import Compression, Distro, Family, ImageFormat, Source, SourceKind
+from imagekit.core.errors import BuildError
 
 # --- a local vendor site ------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 under QEMU (TCG) to a login prompt, and prove that interruptions and a full disk leave nothing behind.
 
 Every test here builds disks or boots VMs: marker ``vm``. The images go to the normal cache
-(``imagekit.paths.cache_dir()``), so a second run reuses them; tests that must build from scratch use a
+(``imagekit.core.paths.cache_dir()``), so a second run reuses them; tests that must build from scratch use a
 temp cache.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
 from imagekit.base import BaseImage, cache, customize, disk, ensure_base
 from imagekit.base.inspect import open_image
-from imagekit.errors import BuildError
-from imagekit.paths import REPO_ROOT
+from imagekit.config import distros
+from imagekit.core.errors import BuildError
+from imagekit.core.paths import REPO_ROOT
 
 pytestmark = pytest.mark.vm
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from imagekit.bench import capture_benchmark, render, run_capture_benchmark
-from imagekit.errors import InputError
+from imagekit.core.errors import InputError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the offline scan step mounts loop devices (root)")
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from imagekit import build, distros
-from imagekit import provision as provision_module
-from imagekit.ovf import validate_username
+from imagekit import build
+from imagekit.config import distros
+from imagekit.config.profile import validate_username
+from imagekit.provision import launch as provision_module
 
 
 def test_source_for_bootstrap_records_archive_state_and_packages(tmp_path: Path) -> None:

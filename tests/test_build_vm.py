@@ -12,9 +12,9 @@ import pytest
 
 from imagekit import capture
 from imagekit.build import BuildOptions, build
-from imagekit.deprovision import LeakFound
-from imagekit.errors import BuildError
+from imagekit.core.errors import BuildError
 from imagekit.gallery import Gallery
+from imagekit.generalize.deprovision import LeakFound
 
 pytestmark = pytest.mark.vm
 

@@ -12,8 +12,8 @@ import pytest
 
 from imagekit import capture
 from imagekit.capture import VHD_FOOTER_SIZE, MiB
-from imagekit.errors import BuildError
-from imagekit.run import which
+from imagekit.core.errors import BuildError
+from imagekit.core.run import which
 
 pytestmark = pytest.mark.skipif(which("qemu-img") is None, reason="qemu-img is not installed")
 

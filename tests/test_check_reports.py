@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from junitparser import Error, Failure, JUnitXml, Skipped
 
-from imagekit import distros
+from imagekit.checkrun import CheckOutcome, fabric_record, timeline
 from imagekit.checks import CheckRun, RunInfo, Status, catalogue, run_checks, summary_table, write_reports
-from imagekit.checks.base import CheckResult
-from imagekit.checks.pipeline import CheckOutcome, fabric_record, timeline
+from imagekit.checks.registry import CheckResult
 from imagekit.checks.report import Phase, phases_from_durations
+from imagekit.config import distros
 from tests.guest_double import PROFILE, healthy_waagent
 from tests.test_checks import make_ctx
 
@@ -174,7 +174,7 @@ def test_check_task_exits_non_zero_when_a_check_fails(monkeypatch: pytest.Monkey
     from invoke import Context, Exit
 
     import tasks
-    from imagekit.checks import pipeline
+    from imagekit import checkrun as pipeline
 
     runs = _runs()
     paths = write_reports(runs, tmp_path, _info())
@@ -220,8 +220,8 @@ def test_check_provisioned_runs_setup_checks_and_reports_for_a_provisioned_vm(tm
     from dataclasses import dataclass as dc
     from dataclasses import field as fld
 
-    from imagekit.checks.pipeline import check_provisioned
-    from imagekit.log import Timings
+    from imagekit.checkrun import check_provisioned
+    from imagekit.core.log import Timings
     from tests.guest_double import CannedGuest, healthy_cloudinit
 
     @dc

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from imagekit import distros
 from imagekit.checks import (
     Check,
     CheckContext,
@@ -17,17 +16,17 @@ from imagekit.checks import (
     RecordedFabric,
     Status,
     catalogue,
-    family,
     overall_ok,
     plan_for,
     probes,
     run_checks,
-    standard,
 )
-from imagekit.checks.provisioning import CLOUD_INIT_STATUS, MARKER_CMD, OVF_COPY, PROVISIONED_MARKER
-from imagekit.checks.resource_disk import SWAP_LOG
-from imagekit.checks.resource_setup import RESOURCE_DISK
-from imagekit.ovf import ProvisioningProfile
+from imagekit.checks.categories import family, standard
+from imagekit.checks.categories.provisioning import CLOUD_INIT_STATUS, MARKER_CMD, OVF_COPY, PROVISIONED_MARKER
+from imagekit.checks.categories.resource_disk import SWAP_LOG
+from imagekit.config import distros
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.provision.resource_setup import RESOURCE_DISK
 from tests.guest_double import (
     AGENT_SHOW,
     CLOUD_INIT_LOG_GREP,
@@ -431,7 +430,7 @@ def test_every_check_is_declared_fully() -> None:
 
 def test_unknown_check_names_get_a_clear_error() -> None:
     from imagekit.checks import select
-    from imagekit.errors import InputError
+    from imagekit.core.errors import InputError
 
     with pytest.raises(InputError, match=r"unknown check id.*known: provisioning\.user"):
         select(["nope"])
@@ -440,7 +439,7 @@ def test_unknown_check_names_get_a_clear_error() -> None:
 
 
 def test_key_parsing_ignores_options_and_comments() -> None:
-    from imagekit.checks.provisioning import _key_id
+    from imagekit.checks.categories.provisioning import _key_id
 
     body = KEY.split()[1]
     assert _key_id('from="10.0.0.0/8",no-pty ' + KEY) == ("ssh-ed25519", body)

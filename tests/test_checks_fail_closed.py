@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from imagekit import distros
 from imagekit.checks import Check, CheckContext, HealthReport, RecordedFabric, Status, catalogue, plan_for
-from imagekit.checks.base import PROBE_OK, ProbeFailed
-from imagekit.errors import VMError
-from imagekit.guest import CommandResult
-from imagekit.ovf import ProvisioningProfile
+from imagekit.checks.registry import PROBE_OK, ProbeFailed
+from imagekit.config import distros
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.core.errors import VMError
+from imagekit.vm.guest import CommandResult
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVxYW1wbGVrZXlmb3J0ZXN0c29ubHkxMjM0NTY3ODkw imagekit-test"
 PROFILE = ProvisioningProfile(hostname="ikvm", username="azureuser", ssh_public_keys=(KEY,))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
 from imagekit.checks import CheckContext, Status, catalogue
-from imagekit.checks.family import ROOT_VAR
-from imagekit.guest import CommandResult
-from imagekit.ovf import ProvisioningProfile
+from imagekit.checks.categories.family import ROOT_VAR
+from imagekit.config import distros
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.vm.guest import CommandResult
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVxYW1wbGVrZXlmb3J0ZXN0c29ubHkxMjM0NTY3ODkw family-test"
 PROFILE = ProvisioningProfile(hostname="ikvm", username="azureuser", ssh_public_keys=(KEY,))

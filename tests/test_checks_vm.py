@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
+from imagekit.checkrun import CheckOutcome, check_provisioned
 from imagekit.checks import (
     CheckContext,
     Status,
@@ -19,9 +19,9 @@ from imagekit.checks import (
     summary_table,
     undo_test_setup,
 )
-from imagekit.checks.pipeline import CheckOutcome, check_provisioned
-from imagekit.checks.resource_setup import RESOURCE_DISK, SHIM_DIR
-from imagekit.ovf import ProvisioningProfile
+from imagekit.config import distros
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.provision.resource_setup import RESOURCE_DISK, SHIM_DIR
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
@@ -52,7 +52,7 @@ def _assert_reports(outcome: CheckOutcome) -> None:
 
 
 def test_debian12_waagent_resource_disk_swap_file_and_provisioning(tmp_path: Path) -> None:
-    from imagekit.provision import provision
+    from imagekit.provision.launch import provision
 
     d = distros.get("debian-12")
     # No OVF password: with one, waagent's sudoers asks for it and the harness's `sudo -n` cannot run as
@@ -119,7 +119,7 @@ def test_debian12_waagent_resource_disk_swap_file_and_provisioning(tmp_path: Pat
 @pytest.mark.parametrize("distro_id", ["debian-12-cloudinit", "debian-13-cloudinit"])
 def test_cloudinit_resource_disk_and_swap_partition(tmp_path: Path, distro_id: str) -> None:
     """cloud-init 22.4 (Debian 12) and 25.1 (Debian 13)."""
-    from imagekit.provision import provision
+    from imagekit.provision.launch import provision
 
     d = distros.get(distro_id)
     plan = plan_for(d, swap_percent=33)
@@ -147,7 +147,7 @@ def test_cloudinit_resource_disk_and_swap_partition(tmp_path: Path, distro_id: s
 
 
 def test_debian13_waagent_swap_disabled(tmp_path: Path) -> None:
-    from imagekit.provision import provision
+    from imagekit.provision.launch import provision
 
     d = distros.get("debian-13")
     assert not d.swap_enabled

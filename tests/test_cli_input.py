@@ -18,8 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from imagekit.iso import read_ovf_iso
-from imagekit.paths import REPO_ROOT
+from imagekit.core.paths import REPO_ROOT
+from imagekit.media.iso import read_ovf_iso
 
 INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
 PASSWORD = "Cli-Passw0rd!"
@@ -222,8 +222,8 @@ def test_a_registered_id_that_is_not_in_the_table_stays_listable(env: dict[str, 
 
 
 def _gallery_with_one_version(tmp_path: Path) -> Path:
+    from imagekit.core.versions import Version
     from imagekit.gallery import Gallery
-    from imagekit.versions import Version
 
     g = Gallery(tmp_path / "gallery")
     with g.staging() as st:

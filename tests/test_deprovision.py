@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from imagekit import distros
-from imagekit.deprovision import Claim, Step, deprovision, parse_output, plan, render_script
-from imagekit.errors import BuildError
-from imagekit.guest import CommandResult
+from imagekit.config import distros
+from imagekit.core.errors import BuildError
+from imagekit.generalize.deprovision import Claim, Step, deprovision, parse_output, plan, render_script
+from imagekit.vm.guest import CommandResult
 
 
 class ShellGuest:

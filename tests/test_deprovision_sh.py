@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
-from imagekit.deprovision import Claim, deprovision, plan
-from imagekit.errors import BuildError
+from imagekit.config import distros
+from imagekit.core.errors import BuildError
+from imagekit.generalize.deprovision import Claim, deprovision, plan
 from tests.fakeroot import FakeRoot, can_run
 
 pytestmark = pytest.mark.skipif(not can_run(), reason="needs root and unshare (private mount namespaces)")

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from imagekit import distros
-from imagekit.errors import ConfigError, InputError
-from imagekit.paths import DISTROS_DIR, REPO_ROOT
+from imagekit.config import distros
+from imagekit.core.errors import ConfigError, InputError
+from imagekit.core.paths import DISTROS_DIR, REPO_ROOT
 
 ENDORSED = {
     "ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04", "debian-11", "debian-12", "debian-13", "almalinux-9",

@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import imagekit.fabric
-from imagekit.errors import ImagekitError, InputError, ProvisioningError
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.core.errors import ImagekitError, InputError, ProvisioningError
 from imagekit.fabric import (
     AgentReportedFailure,
     Fabric,
@@ -43,7 +44,6 @@ from imagekit.fabric import (
     dns_answer,
     dns_names,
 )
-from imagekit.ovf import ProvisioningProfile
 
 UUID_A = uuid.UUID("12345678-1234-5678-9abc-def012345678")
 UUID_B = uuid.UUID("87654321-4321-8765-cba9-876543210fed")

@@ -28,7 +28,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:  # when run as the driver script
     sys.path.insert(0, str(REPO))
 
-from imagekit.run import run, which  # noqa: E402
+from imagekit.core.run import run, which  # noqa: E402
 
 VM_UUID = uuid.UUID("0f5e2d2a-7c41-4b1e-9d43-1a2b3c4d5e6f")
 MAC = "52:54:00:ab:cd:ef"
@@ -55,8 +55,8 @@ def _make_fabric(**kwargs: Any) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
+    from imagekit.config.profile import ProvisioningProfile
     from imagekit.fabric import Fabric, VMIdentity
-    from imagekit.ovf import ProvisioningProfile
 
     key = (
         ed25519.Ed25519PrivateKey.generate()
@@ -78,7 +78,7 @@ def _serve(fabric: Any) -> None:
 
 
 def _fabric_view(fabric: Any) -> dict[str, Any]:
-    from imagekit.errors import ProvisioningError
+    from imagekit.core.errors import ProvisioningError
 
     outcome: dict[str, Any]
     try:

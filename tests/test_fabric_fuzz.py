@@ -34,8 +34,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.fabric import Fabric, Limits, SocketPaths, VMIdentity
-from imagekit.ovf import ProvisioningProfile
 
 REQUESTS = int(os.environ.get("IMAGEKIT_FUZZ_REQUESTS", "20000"))
 SEED = int(os.environ.get("IMAGEKIT_FUZZ_SEED", "9"))

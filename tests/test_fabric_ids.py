@@ -18,8 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.fabric import Fabric, SocketPaths, VMIdentity
-from imagekit.ovf import ProvisioningProfile
 
 WIRE_HEADERS = {"x-ms-agent-name": "WALinuxAgent", "x-ms-version": "2012-11-30"}
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.fabric import Fabric, SocketPaths, VMIdentity
 from imagekit.fabric.keeper import (
     HANDOVER_NAME,
@@ -35,8 +36,7 @@ from imagekit.fabric.keeper import (
     read_handover,
     write_handover,
 )
-from imagekit.ovf import ProvisioningProfile
-from imagekit.vm import sweep_stale
+from imagekit.vm.runner import sweep_stale
 from tests.test_fabric import WIRE_HEADERS, _health_xml, _key, request
 
 PASSWORD = "Kp-9xQ!handover-Secret"

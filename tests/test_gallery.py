@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from imagekit.capture import verify_artifacts
-from imagekit.errors import ImagekitError, InputError
+from imagekit.core.errors import ImagekitError, InputError
+from imagekit.core.versions import Version
 from imagekit.gallery import Gallery, Status
-from imagekit.versions import Version
 
 TODAY = dt.date(2026, 11, 22)
 

@@ -15,12 +15,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from imagekit import iso
-from imagekit.errors import InputError
-from imagekit.iso import OVF_PATHS, iso_volume_id, read_ovf_iso, write_ovf_iso
-from imagekit.ovf import ProvisioningProfile, render_ovf_env
-from imagekit.paths import REPO_ROOT
-from imagekit.run import run, which
+from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.core.errors import InputError
+from imagekit.core.paths import REPO_ROOT
+from imagekit.core.run import run, which
+from imagekit.media import iso
+from imagekit.media.iso import OVF_PATHS, iso_volume_id, read_ovf_iso, write_ovf_iso
 
 PASSWORD = "Iso-Pässw0rd<&>"
 CUSTOM_DATA = "#cloud-config\n# <&> ü ✓\n".encode()

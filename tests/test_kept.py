@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import kept
-from imagekit.errors import InputError
-from imagekit.vm import sweep_stale
+from imagekit.core.errors import InputError
+from imagekit.vm import kept
+from imagekit.vm.runner import sweep_stale
 
 
 def _spawn(*, session: bool) -> subprocess.Popen[bytes]:

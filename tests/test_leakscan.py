@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from imagekit import capture
-from imagekit.deprovision import LeakFound, check_image, find_partitions, fstab_mounts, scan_image
-from imagekit.leakscan import ScanInput, scan_tree
-from imagekit.run import which
+from imagekit.core.run import which
+from imagekit.generalize.deprovision import LeakFound, check_image, find_partitions, fstab_mounts, scan_image
+from imagekit.scan.rules import ScanInput, scan_tree
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or which("mkfs.ext4") is None or which("sfdisk") is None,

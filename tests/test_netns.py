@@ -1,6 +1,6 @@
 """The namespace child's plumbing, without QEMU: a stand-in payload plays the guest side.
 
-The child (``python -m imagekit.netns``) runs whatever argv it is given as "QEMU". Here that is a small
+The child (``python -m imagekit.vm.netns``) runs whatever argv it is given as "QEMU". Here that is a small
 Python program that, from inside the private namespace, uses the relays exactly as slirp would (TCP to
 127.0.0.1:80/:32526 and 169.254.169.254:80, DNS to 127.0.0.1:53), checks that the host is out of reach,
 and listens where QEMU's hostfwd would, so the harness can come in through the SSH Unix socket.
@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from imagekit import netns
 from imagekit.fabric import dns_names
+from imagekit.vm import netns
 
 GUEST_SIDE = textwrap.dedent(r"""
     import json, os, socket, sys
@@ -218,7 +218,7 @@ def test_child_and_payload_die_with_the_harness(tmp_path: Path) -> None:
     config = tmp_path / "netns.json"
     harness = textwrap.dedent(f"""
         import json, os, subprocess, sys, time
-        from imagekit import netns
+        from imagekit.vm import netns
         cfg = netns.NamespaceConfig(qemu_argv=["sleep", "3{os.getpid()}"], parent_pid=os.getpid(),
                                     qemu_stderr={str(tmp_path / 'q.log')!r})
         open({str(config)!r}, "w").write(cfg.to_json())

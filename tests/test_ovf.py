@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from imagekit import ovf
-from imagekit.errors import InputError
-from imagekit.ovf import ProvisioningProfile, render_ovf_env
+from imagekit.config import profile as ovf
+from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.core.errors import InputError
 
 # Passwords and custom data with XML's special characters, CDATA's terminator and non-ASCII text.
 TRICKY_PASSWORD = "  Pä<s&w>\"o'rd]]>1 ✓ "

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
 from imagekit.checks import CheckContext, CheckResult, HealthReport, RecordedFabric, Status, catalogue, plan_for
-from imagekit.guest import Guest
-from imagekit.ovf import ProvisioningProfile
+from imagekit.config import distros
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.vm.guest import Guest
 from tests.fakeroot import FakeRoot, can_run
 
 pytestmark = pytest.mark.skipif(not can_run(), reason="needs root and unshare (private mount namespaces)")

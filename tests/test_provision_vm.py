@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros, kept
-from imagekit.errors import ProvisioningError, VMError
-from imagekit.paths import cache_dir
-from imagekit.provision import ProvisionedVM, provision
+from imagekit.config import distros
+from imagekit.core.errors import ProvisioningError, VMError
+from imagekit.core.paths import cache_dir
+from imagekit.provision.launch import ProvisionedVM, provision
+from imagekit.vm import kept
 
 pytestmark = pytest.mark.vm
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import qemu
-from imagekit.errors import InputError
-from imagekit.qemu import Accel, NetSpec, VMSpec, build_argv
+from imagekit.core.errors import InputError
+from imagekit.vm import qemu
+from imagekit.vm.qemu import Accel, NetSpec, VMSpec, build_argv
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import distros
-from imagekit.checks.resource_setup import (
+from imagekit.config import distros
+from imagekit.core.errors import BuildError, InputError
+from imagekit.provision.resource_setup import (
     RESOURCE_DISK,
     SHIM_MARK,
     cloud_config,
@@ -26,8 +27,7 @@ from imagekit.checks.resource_setup import (
     shim_source,
     undo_test_setup,
 )
-from imagekit.errors import BuildError, InputError
-from imagekit.guest import CommandResult
+from imagekit.vm.guest import CommandResult
 
 LOOKUP = r"""
 import sys
@@ -261,7 +261,7 @@ class AgentGuest:
 
 
 def test_shim_install_writes_only_under_run_and_waits_for_the_agents_next_lookup(tmp_path: Path) -> None:
-    from imagekit.checks.resource_setup import activate_resource_disk
+    from imagekit.provision.resource_setup import activate_resource_disk
 
     guest = AgentGuest(tmp_path)
     facts = activate_resource_disk(guest, plan_for(distros.get("debian-12")), timeout=60, poll=0.01)
@@ -280,7 +280,7 @@ def test_shim_install_writes_only_under_run_and_waits_for_the_agents_next_lookup
 
 
 def test_agent_that_never_handles_the_disk_is_reported_not_waited_on_forever(tmp_path: Path) -> None:
-    from imagekit.checks.resource_setup import activate_resource_disk
+    from imagekit.provision.resource_setup import activate_resource_disk
 
     guest = AgentGuest(tmp_path, polls=10**9)
     facts = activate_resource_disk(guest, plan_for(distros.get("debian-12")), timeout=0.2,
@@ -291,7 +291,7 @@ def test_agent_that_never_handles_the_disk_is_reported_not_waited_on_forever(tmp
 def test_waagent_with_format_off_installs_nothing_and_does_not_wait(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from imagekit.checks.resource_setup import activate_resource_disk
+    from imagekit.provision.resource_setup import activate_resource_disk
 
     guest = AgentGuest(tmp_path, polls=10**9)
     plan = replace(plan_for(distros.get("debian-12")), formatted=False, swap="none", swap_mib=0)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import resourcedisk
-from imagekit.errors import CommandError, InputError
-from imagekit.resourcedisk import README_NAME, README_TEXT, create_resource_disk
+from imagekit.core.errors import CommandError, InputError
+from imagekit.media import resource_disk as resourcedisk
+from imagekit.media.resource_disk import README_NAME, README_TEXT, create_resource_disk
 
 MIB = 1024 * 1024
 

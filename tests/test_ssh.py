@@ -13,8 +13,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from imagekit.errors import InputError, VMError
-from imagekit.ssh import (
+from imagekit.core.errors import InputError, VMError
+from imagekit.vm.ssh import (
     HostKeyMismatch,
     HostKeyPolicy,
     SSHGuest,

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from imagekit.errors import InputError
-from imagekit.versions import MAX_PART, Version, default_version, distro_major_minor
+from imagekit.core.errors import InputError
+from imagekit.core.versions import MAX_PART, Version, default_version, distro_major_minor
 
 
 @pytest.mark.parametrize("text", ["1.0.0", "12.0.2026112201", f"{MAX_PART}.{MAX_PART}.{MAX_PART}", "0.0.0"])

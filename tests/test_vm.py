@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit import qemu
-from imagekit.errors import VMError
-from imagekit.vm import VM, GuestNetwork
+from imagekit.core.errors import VMError
+from imagekit.vm import qemu
+from imagekit.vm.runner import VM, GuestNetwork
 
 pytestmark = pytest.mark.vm
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagekit.vm import private_tmpdir, sweep_stale
+from imagekit.vm.runner import private_tmpdir, sweep_stale
 
 
 def _dead_pid() -> int:

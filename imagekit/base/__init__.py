@@ -30,17 +30,17 @@ from imagekit.base.inputs import (
     static_inputs,
     tool_versions,
 )
-from imagekit.distros import Distro, SourceKind
-from imagekit.errors import BuildError, CommandError, HostError
-from imagekit.log import Timings, step
+from imagekit.config.distros import Distro, SourceKind
+from imagekit.core.errors import BuildError, CommandError, HostError
+from imagekit.core.log import Timings, step
 
-log = logging.getLogger("imagekit.base")
+log = logging.getLogger(__name__)
 
 def ensure_base(distro: Distro, *, cache: Path | None = None, rebuild: bool = False,
                 min_free_mib: int = MIN_FREE_MIB) -> BaseImage:
     """Return the cached base image of ``distro``, building it if needed.
 
-    ``cache`` is the cache root (default :func:`imagekit.paths.cache_dir`); images live in
+    ``cache`` is the cache root (default :func:`imagekit.core.paths.cache_dir`); images live in
     ``<cache>/base/<distro-id>/<key>/``. ``rebuild`` forces a new build even when an entry exists.
     """
     if distro.source.kind is SourceKind.DOWNLOAD:

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagekit.errors import HostError
+from imagekit.core.errors import HostError
 
-log = logging.getLogger("imagekit.base")
+log = logging.getLogger(__name__)
 
 APT_DIR = Path("/etc/apt")
 _TIMEOUT = 20.0

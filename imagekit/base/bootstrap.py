@@ -20,12 +20,12 @@ from typing import Any
 
 from imagekit.base import customize, disk
 from imagekit.base.apt import AptSource
-from imagekit.distros import Distro
-from imagekit.errors import BuildError, CommandError
-from imagekit.log import Timings, step
-from imagekit.run import require, run
+from imagekit.config.distros import Distro
+from imagekit.core.errors import BuildError, CommandError
+from imagekit.core.log import Timings, step
+from imagekit.core.run import require, run
 
-log = logging.getLogger("imagekit.base")
+log = logging.getLogger(__name__)
 
 ROOT_LABEL = "rootfs"
 # Private mount and PID namespaces: mounts made inside vanish with the namespace, and when unshare is

@@ -26,11 +26,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from imagekit import fsutil
-from imagekit.fsutil import fsync_dir
-from imagekit.paths import cache_dir
+from imagekit.core import fsutil
+from imagekit.core.fsutil import fsync_dir
+from imagekit.core.paths import cache_dir
 
-log = logging.getLogger("imagekit.base")
+log = logging.getLogger(__name__)
 
 IMAGE_NAME = "image.qcow2"
 META_NAME = "meta.json"

@@ -13,11 +13,11 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 
-from imagekit.distros import Agent, Distro
-from imagekit.errors import BuildError
-from imagekit.run import run
+from imagekit.config.distros import Agent, Distro
+from imagekit.core.errors import BuildError
+from imagekit.core.run import run
 
-log = logging.getLogger("imagekit.base")
+log = logging.getLogger(__name__)
 
 # Drivers the initramfs must carry: Hyper-V (Azure's VMBus storage and network) and virtio (QEMU here).
 INITRAMFS_MODULES = ("hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils",

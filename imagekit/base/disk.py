@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagekit.errors import BuildError
-from imagekit.run import run
+from imagekit.core.errors import BuildError
+from imagekit.core.run import run
 
 SECTOR = 512
 MIB = 1024 * 1024

@@ -33,13 +33,13 @@ from urllib.parse import urlparse
 from imagekit.base import cache as cache_mod
 from imagekit.base import disk, offline
 from imagekit.base.inputs import BaseImage, check_free_space, is_enospc, static_inputs
-from imagekit.distros import Compression, Distro, ImageFormat
-from imagekit.errors import BuildError, HostError
-from imagekit.log import Timings, step
-from imagekit.paths import cache_dir
-from imagekit.run import run
+from imagekit.config.distros import Compression, Distro, ImageFormat
+from imagekit.core.errors import BuildError, HostError
+from imagekit.core.log import Timings, step
+from imagekit.core.paths import cache_dir
+from imagekit.core.run import run
 
-log = logging.getLogger("imagekit.base")
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RETRIES = 5

@@ -15,9 +15,9 @@ from typing import Any
 
 import imagekit
 from imagekit.base import cache as cache_mod
-from imagekit.distros import Distro, SourceKind
-from imagekit.errors import BuildError, CommandError, HostError
-from imagekit.run import run
+from imagekit.config.distros import Distro, SourceKind
+from imagekit.core.errors import BuildError, CommandError, HostError
+from imagekit.core.run import run
 
 # Modules whose code decides the bytes of a bootstrapped image: part of the cache key.
 _RECIPE_FILES = ("apt.py", "bootstrap.py", "customize.py", "disk.py")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagekit.base import disk
-from imagekit.errors import BuildError
-from imagekit.run import run
+from imagekit.core.errors import BuildError
+from imagekit.core.run import run
 
 
 @dataclass

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from imagekit.base import customize
-from imagekit.distros import Distro, Family
-from imagekit.errors import BuildError, ImagekitError
-from imagekit.paths import REPO_ROOT
-from imagekit.run import run
+from imagekit.config.distros import Distro, Family
+from imagekit.core.errors import BuildError, ImagekitError
+from imagekit.core.paths import REPO_ROOT
+from imagekit.core.run import run
 
 APT_FAMILIES = (Family.DEBIAN, Family.UBUNTU)
 

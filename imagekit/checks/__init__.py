@@ -7,10 +7,10 @@
     print(summary_table(runs))
 
 The resource-disk test set-up (each agent's own resource-disk code run against the attached disk under
-QEMU, and its undo before deprovisioning) is :mod:`imagekit.checks.resource_setup`.
+QEMU, and its undo before deprovisioning) is :mod:`imagekit.provision.resource_setup`.
 """
 
-from imagekit.checks.base import (
+from imagekit.checks.registry import (
     Check,
     CheckContext,
     CheckResult,
@@ -25,7 +25,7 @@ from imagekit.checks.base import (
     select,
 )
 from imagekit.checks.report import RunInfo, summary_table, write_reports
-from imagekit.checks.resource_setup import (
+from imagekit.provision.resource_setup import (
     RESOURCE_DISK,
     ResourceDiskPlan,
     activate_resource_disk,

@@ -18,10 +18,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from imagekit.checks.base import ABSENT, PROBE_OK, CheckContext
-from imagekit.checks.resource_setup import ResourceDiskPlan, plan_for
-from imagekit.distros import Agent
-from imagekit.guest import CommandResult
+from imagekit.checks.registry import ABSENT, PROBE_OK, CheckContext
+from imagekit.config.distros import Agent
+from imagekit.provision.resource_setup import ResourceDiskPlan, plan_for
+from imagekit.vm.guest import CommandResult
 
 
 def read_file(path: str) -> str:

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imagekit.checks.base import CheckRun, Status, counts, overall_ok
-from imagekit.fsutil import write_text_atomic
+from imagekit.checks.registry import CheckRun, Status, counts, overall_ok
+from imagekit.core.fsutil import write_text_atomic
 
 SCHEMA = "imagekit.checks/1"
 # XML 1.0 forbids most control characters; console output and logs can carry them.
@@ -50,7 +50,7 @@ class RunInfo:
 
 
 def phases_from_durations(steps: Mapping[str, float], start: float = 0.0) -> list[Phase]:
-    """Consecutive phases from ordered step durations (e.g. :class:`imagekit.log.Timings`)."""
+    """Consecutive phases from ordered step durations (e.g. :class:`imagekit.core.log.Timings`)."""
     out, t = [], start
     for name, seconds in steps.items():
         out.append(Phase(name, round(t, 3), round(t + float(seconds), 3)))

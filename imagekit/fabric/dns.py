@@ -29,7 +29,7 @@ import dns.rdatatype
 import dns.reversename
 import dns.rrset
 
-from imagekit.errors import InputError
+from imagekit.core.errors import InputError
 
 AZURE_DNS_SUFFIX = "internal.cloudapp.net"
 TTL = 10  # Azure's resolver hands out short TTLs for VM records

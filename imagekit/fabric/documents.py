@@ -18,8 +18,8 @@ import json
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.fabric.identity import VMIdentity
-from imagekit.ovf import ProvisioningProfile
 
 WIRESERVER_IP = "168.63.129.16"
 IMDS_IP = "169.254.169.254"

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 
-from imagekit.errors import ImagekitError, InputError
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.core.errors import ImagekitError, InputError
 from imagekit.fabric import documents as docs
 from imagekit.fabric.dns import dns_answer, dns_names
 from imagekit.fabric.http import App, Limits, OnServed, RunningServer, serve_tcp, serve_unix
 from imagekit.fabric.identity import VMIdentity
 from imagekit.fabric.services import FabricApps
 from imagekit.fabric.state import FabricState, ReportedState, RequestRecord, Service
-from imagekit.ovf import ProvisioningProfile
 
-log = logging.getLogger("imagekit.fabric")
+log = logging.getLogger(__name__)
 
 SOCKET_NAMES = MappingProxyType({Service.WIRE: "wire.sock", Service.HOSTGA: "hostga.sock", Service.IMDS: "imds.sock"})
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
@@ -194,7 +194,7 @@ class Fabric:
         """Wait for the agent's Ready report and return it. Raises
         :class:`~imagekit.fabric.state.AgentReportedFailure` with the agent's own description when it
         reports a provisioning failure, :class:`~imagekit.fabric.state.ReadyTimeout` (saying what was and
-        was not received) after ``timeout`` seconds. Both are :class:`~imagekit.errors.ProvisioningError`."""
+        was not received) after ``timeout`` seconds. Both are :class:`~imagekit.core.errors.ProvisioningError`."""
         return self.state.wait_for_ready(timeout)
 
     def wait_for_request(self, service: Service, path_prefix: str, timeout: float) -> RequestRecord:

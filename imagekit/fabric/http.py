@@ -38,7 +38,7 @@ from typing import Any
 
 import h11
 
-log = logging.getLogger("imagekit.fabric")
+log = logging.getLogger(__name__)
 
 _PRINTABLE = MappingProxyType({i: "?" for i in range(32)} | {127: "?"})
 _MAX_QUERY_FIELDS = 50

@@ -20,7 +20,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from imagekit.errors import InputError
+from imagekit.core.errors import InputError
 
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-]?)[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
 # A fixed namespace so that the container id is a pure function of the vmId (no hidden state).

@@ -44,14 +44,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from imagekit.errors import ImagekitError, InputError
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.core.errors import ImagekitError, InputError
+from imagekit.core.fsutil import write_json_atomic
+from imagekit.core.paths import REPO_ROOT
 from imagekit.fabric.fabric import Fabric
 from imagekit.fabric.http import Limits, Request
 from imagekit.fabric.identity import VMIdentity
 from imagekit.fabric.state import Service
-from imagekit.fsutil import write_json_atomic
-from imagekit.ovf import ProvisioningProfile
-from imagekit.paths import REPO_ROOT
 
 log = logging.getLogger("imagekit.fabric.keeper")
 

@@ -12,13 +12,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.fabric import documents as docs
 from imagekit.fabric.http import Request, Response, escape
 from imagekit.fabric.identity import VMIdentity
 from imagekit.fabric.state import FabricState, HealthReportError, parse_health_report
-from imagekit.ovf import ProvisioningProfile
 
-log = logging.getLogger("imagekit.fabric")
+log = logging.getLogger(__name__)
 
 XML = "text/xml; charset=utf-8"
 JSON = "application/json; charset=utf-8"

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 import defusedxml
 import defusedxml.ElementTree as SafeET
 
-from imagekit.errors import ProvisioningError
+from imagekit.core.errors import ProvisioningError
 from imagekit.fabric.http import escape
 
 MAX_RECORDS = 10_000  # request records (each without body or headers, its path cut to 512 characters)

@@ -17,8 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from imagekit.errors import InputError
-from imagekit.run import require, run
+from imagekit.core.errors import InputError
+from imagekit.core.run import require, run
 
 SECTOR = 512
 PARTITION_START_SECTOR = 2048  # 1 MiB, as every current partitioning tool aligns

@@ -19,7 +19,7 @@ A :class:`ProvisioningProfile` is checked when it is built, against the rules Az
   (XML 1.0 cannot carry most of them, and parsers turn a carriage return into a line feed).
 - ``custom_data``: at most 65535 bytes once decoded (Azure's limit), not empty.
 
-Errors are :class:`~imagekit.errors.InputError` naming the field, what was wrong and what is allowed. The
+Errors are :class:`~imagekit.core.errors.InputError` naming the field, what was wrong and what is allowed. The
 password and custom data never appear in an error, a log line or the profile's ``repr``; neither does the
 text of an SSH key file that did not parse (it might be a private key given by mistake).
 """
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagekit.errors import InputError
+from imagekit.core.errors import InputError
 
 if TYPE_CHECKING:
     import jinja2
@@ -485,7 +485,7 @@ def template_environment() -> jinja2.Environment:
     """The Jinja2 environment for ``templates/ovf``: undefined variables raise, every value is XML-escaped."""
     import jinja2
 
-    from imagekit.paths import TEMPLATES_DIR
+    from imagekit.core.paths import TEMPLATES_DIR
 
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "ovf"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shlex
 
-from imagekit.checks.base import ABSENT, CheckContext, CheckResult, Evidence, check, failed, passed, skipped
 from imagekit.checks.probes import (
     backing_device,
     disk_of,
@@ -22,7 +21,8 @@ from imagekit.checks.probes import (
     swaps,
     topology,
 )
-from imagekit.distros import Agent
+from imagekit.checks.registry import ABSENT, CheckContext, CheckResult, Evidence, check, failed, passed, skipped
+from imagekit.config.distros import Agent
 
 README = "DATALOSS_WARNING_README.txt"
 # waagent's swap-file lines, including its dd result ("dd unsuccessful" does not say "swap").

@@ -6,14 +6,14 @@
         vm.wait_until(ready_event.wait, timeout=600, what="the agent's Ready report")
         ...
 
-Entering starts QEMU inside a private network namespace (:mod:`imagekit.netns`), connects QMP
+Entering starts QEMU inside a private network namespace (:mod:`imagekit.vm.netns`), connects QMP
 (qemu.qmp) and starts watching the serial console. Leaving asks the guest to power down through QMP
 (``system_powerdown``) within a deadline, then ``quit``, then kills the process group; after an error it
 skips the polite step. The private directory (sockets, configuration) is removed; the run directory keeps
 the console log, QEMU's stderr and the namespace child's log.
 
 While the VM runs, :meth:`VM.check` turns a guest panic (GUEST_PANICKED on QMP, through the pvpanic
-device) or an exit nobody asked for into a :class:`~imagekit.errors.VMError` that carries the console tail.
+device) or an exit nobody asked for into a :class:`~imagekit.core.errors.VMError` that carries the console tail.
 :meth:`VM.wait_until` waits on any blocking signal in short slices and runs that check between them.
 """
 
@@ -38,12 +38,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from imagekit import netns, qemu
-from imagekit.errors import VMError
-from imagekit.log import Timings
-from imagekit.paths import vms_dir
+from imagekit.core.errors import VMError
+from imagekit.core.log import Timings
+from imagekit.core.paths import REPO_ROOT, vms_dir
+from imagekit.vm import netns, qemu
 
-log = logging.getLogger("imagekit.vm")
+log = logging.getLogger(__name__)
 
 WIRE_PORT = 80
 HOSTGA_PORT = 32526
@@ -101,14 +101,14 @@ def sweep_stale(base: Path) -> list[Path]:
     A directory is stale when the process recorded in its ``.owner`` file is gone and it does not
     belong to a VM left running on purpose (``keep``). Its VM died with the harness (parent-death
     signal), so only files remain. A kept VM's directory goes once its record says all of its processes
-    have ended (:mod:`imagekit.kept`). Returns what was removed."""
+    have ended (:mod:`imagekit.vm.kept`). Returns what was removed."""
     removed = []
     for d in base.glob("*-*"):
         try:
             owner = int((d / _OWNER).read_text())
             config = d / "netns.json"
             if config.exists() and json.loads(config.read_text()).get("detach"):
-                from imagekit.kept import ended
+                from imagekit.vm.kept import ended
 
                 if ended(d):  # a kept VM that has stopped: its secrets go now
                     shutil.rmtree(d, ignore_errors=True)
@@ -336,7 +336,7 @@ class VM:
                 # With --keep the VM outlives this process; otherwise it must die with it.
                 preexec_fn=None if self.keep else netns.set_pdeathsig,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                    p for p in (os.fspath(Path(__file__).resolve().parent.parent),
+                    p for p in (os.fspath(REPO_ROOT),
                                 os.environ.get("PYTHONPATH", "")) if p)},
             )
         self._spawn(self._read_child, "child")

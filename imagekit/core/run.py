@@ -1,7 +1,7 @@
 """The one way the toolkit runs external commands.
 
 argv lists only (never a shell string), stdin from /dev/null unless input is given, and on failure a
-:class:`~imagekit.errors.CommandError` that carries argv, the exit code and the tail of stderr. Every
+:class:`~imagekit.core.errors.CommandError` that carries argv, the exit code and the tail of stderr. Every
 command is logged as a copy-pasteable ``shlex.join(argv)`` at debug level.
 """
 
@@ -15,9 +15,9 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from imagekit.errors import CommandError, HostError
+from imagekit.core.errors import CommandError, HostError
 
-log = logging.getLogger("imagekit.run")
+log = logging.getLogger(__name__)
 
 
 def run(

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from imagekit.checks.base import (
+from imagekit.checks.registry import (
     Check,
     CheckContext,
     CheckRun,
@@ -29,13 +29,18 @@ from imagekit.checks.base import (
     run_checks,
 )
 from imagekit.checks.report import Phase, RunInfo, default_report_dir, write_reports
-from imagekit.checks.resource_setup import ResourceDiskPlan, activate_resource_disk, plan_for, resource_disk_custom_data
-from imagekit.distros import Distro
-from imagekit.guest import Guest
-from imagekit.log import Timings, step
-from imagekit.ovf import ProvisioningProfile
+from imagekit.config.distros import Distro
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.core.log import Timings, step
+from imagekit.provision.resource_setup import (
+    ResourceDiskPlan,
+    activate_resource_disk,
+    plan_for,
+    resource_disk_custom_data,
+)
+from imagekit.vm.guest import Guest
 
-log = logging.getLogger("imagekit.checks")
+log = logging.getLogger(__name__)
 
 
 class _Reports(Protocol):
@@ -82,7 +87,7 @@ def timeline(timings: Mapping[str, float]) -> tuple[list[Phase], list[tuple[str,
 
 
 class _ProvisionedVM(Protocol):
-    """What :func:`check_provisioned` needs of :class:`imagekit.provision.ProvisionedVM`."""
+    """What :func:`check_provisioned` needs of :class:`imagekit.provision.launch.ProvisionedVM`."""
 
     distro: Distro
     guest: Any
@@ -162,7 +167,7 @@ def check_distro(
 ) -> CheckOutcome:
     """Provision a throwaway VM of ``distro`` (with the resource-disk CustomData for cloud-init images),
     run the checks, write the reports, tear the VM down. A given ``profile`` gets that CustomData too."""
-    from imagekit.provision import provision
+    from imagekit.provision.launch import provision
 
     plan = plan_for(distro, swap_percent=swap_percent)
     custom = resource_disk_custom_data(distro, swap_percent=swap_percent)

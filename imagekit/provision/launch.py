@@ -7,7 +7,7 @@
 
 The base image never changes: the VM boots a qcow2 overlay on it. The image's own agent provisions it
 from the OVF ISO (CD-ROM) and the emulated fabric (:mod:`imagekit.fabric`), reached through the VM's
-private network namespace (:mod:`imagekit.netns`). The harness waits on the fabric's record of the
+private network namespace (:mod:`imagekit.vm.netns`). The harness waits on the fabric's record of the
 agent's health reports (an event, no fixed sleeps): Ready, or the agent's own failure description. Then
 it logs in over SSH with the provisioned user and a throwaway key. With cloud-init, Ready is reported
 before the user exists, so the SSH login (after cloud-init printed the host keys on the console, which
@@ -32,19 +32,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagekit import kept as kept_vms
-from imagekit import qemu
-from imagekit.distros import Agent, Distro
-from imagekit.errors import ProvisioningError
+from imagekit.config.distros import Agent, Distro
+from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.core.errors import ProvisioningError
+from imagekit.core.log import Timings
+from imagekit.core.paths import cache_dir
+from imagekit.core.run import run
 from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
 from imagekit.fabric.keeper import Keeper, hand_over
-from imagekit.iso import build_iso_bytes, write_ovf_iso
-from imagekit.log import Timings
-from imagekit.ovf import ProvisioningProfile, render_ovf_env
-from imagekit.paths import cache_dir
-from imagekit.resourcedisk import create_resource_disk
-from imagekit.run import run
-from imagekit.ssh import (
+from imagekit.media.iso import build_iso_bytes, write_ovf_iso
+from imagekit.media.resource_disk import create_resource_disk
+from imagekit.vm import kept as kept_vms
+from imagekit.vm import qemu
+from imagekit.vm.runner import VM, GuestNetwork, private_tmpdir
+from imagekit.vm.ssh import (
     HostKeyPolicy,
     ReportedHostKeys,
     SSHGuest,
@@ -53,9 +54,8 @@ from imagekit.ssh import (
     host_keys_from_console,
     load_private_key,
 )
-from imagekit.vm import VM, GuestNetwork, private_tmpdir
 
-log = logging.getLogger("imagekit.provision")
+log = logging.getLogger(__name__)
 
 DEFAULT_USERNAME = "azureuser"
 READY_TIMEOUT = 900.0

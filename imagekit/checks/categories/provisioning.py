@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import shlex
 
-from imagekit.checks.base import ABSENT, CheckContext, CheckResult, Evidence, ProbeFailed, check, failed, passed
 from imagekit.checks.probes import WAAGENT_VERSION, file_text, read_file, sshd_config, version_tuple
-from imagekit.checks.resource_setup import WAAGENT_UNITS
-from imagekit.distros import Agent
-from imagekit.guest import CommandResult
-from imagekit.ovf import ProvisioningProfile
+from imagekit.checks.registry import ABSENT, CheckContext, CheckResult, Evidence, ProbeFailed, check, failed, passed
+from imagekit.config.distros import Agent
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.provision.resource_setup import WAAGENT_UNITS
+from imagekit.vm.guest import CommandResult
 
 OVF_COPY = "/var/lib/waagent/ovf-env.xml"
 PROVISIONED_MARKER = "/var/lib/waagent/provisioned"

@@ -14,7 +14,7 @@ mounted read-only (``ro,noload`` for ext4, so not even the journal is replayed) 
 the partition's offset, inside a private mount namespace created for the scan: if the scan dies, the
 kernel drops the mount and the auto-clearing loop device with the namespace. The partitions are put
 together as the image's own /etc/fstab says, so a separate /home or /var is scanned where it belongs. The rules live in
-:mod:`imagekit.leakscan`; a finding fails the build and names the file.
+:mod:`imagekit.scan.rules`; a finding fails the build and names the file.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagekit.distros import Agent, Distro
-from imagekit.errors import BuildError
-from imagekit.guest import Guest
-from imagekit.leakscan import Finding, ScanInput
-from imagekit.log import Timings, step
-from imagekit.paths import REPO_ROOT
-from imagekit.run import require, run
+from imagekit.config.distros import Agent, Distro
+from imagekit.core.errors import BuildError
+from imagekit.core.log import Timings, step
+from imagekit.core.paths import REPO_ROOT
+from imagekit.core.run import require, run
+from imagekit.scan.rules import Finding, ScanInput
+from imagekit.vm.guest import Guest
 
-log = logging.getLogger("imagekit.deprovision")
+log = logging.getLogger("imagekit.generalize.deprovision")
 
 _USER_RE = r"^[a-z_][a-z0-9_-]*[$]?$"
 
@@ -451,7 +451,7 @@ def scan_image(image: Path, fmt: str, inp: ScanInput, workdir: Path | None = Non
                "partitions": [p.__dict__ for p in partitions],
                "usernames": inp.usernames, "hostnames": inp.hostnames, "password": inp.password}
         res = run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-m",
-                   "imagekit.deprovision", "scan-worker"], input=json.dumps(job),
+                   "imagekit.generalize.deprovision", "scan-worker"], input=json.dumps(job),
                   env={"PYTHONPATH": str(REPO_ROOT)}, timeout=1800)
     found = [Finding(**f) for f in json.loads(res.stdout)]
     return found
@@ -469,7 +469,7 @@ def check_image(image: Path, fmt: str, inp: ScanInput, timings: Timings | None =
 def _scan_worker() -> int:
     """Runs inside ``unshare --mount``: mount each partition read-only, put them together as the image's own
     /etc/fstab does (a separate /home or /var/log is scanned where it belongs), scan, unmount."""
-    from imagekit.leakscan import scan_tree
+    from imagekit.scan.rules import scan_tree
 
     job = json.loads(sys.stdin.read())
     inp = ScanInput(usernames=job["usernames"], hostnames=job["hostnames"], password=job["password"])
@@ -523,4 +523,4 @@ def _scan_worker() -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["scan-worker"]:
         raise SystemExit(_scan_worker())
-    raise SystemExit("usage: python -m imagekit.deprovision scan-worker  (JSON job on stdin)")
+    raise SystemExit("usage: python -m imagekit.generalize.deprovision scan-worker  (JSON job on stdin)")

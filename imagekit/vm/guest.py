@@ -1,6 +1,6 @@
 """What the toolkit needs from a running guest: run a command and get a result back.
 
-The SSH connection (:mod:`imagekit.ssh`) implements :class:`Guest`; checks, resource-disk set-up and
+The SSH connection (:mod:`imagekit.vm.ssh`) implements :class:`Guest`; checks, resource-disk set-up and
 deprovisioning take a ``Guest`` and nothing more, so they do not care how the commands reach the guest.
 """
 

@@ -1,7 +1,7 @@
 """The distro table: ``distros/*.toml`` loaded into frozen :class:`Distro` objects, validated once.
 
 Each file describes one image configuration. Code branches on this data (family, agent, source kind),
-never on distro names. A bad entry raises :class:`~imagekit.errors.ConfigError` naming the file, the key,
+never on distro names. A bad entry raises :class:`~imagekit.core.errors.ConfigError` naming the file, the key,
 the bad value and what is allowed.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from imagekit.errors import ConfigError, InputError
-from imagekit.paths import DISTROS_DIR
+from imagekit.core.errors import ConfigError, InputError
+from imagekit.core.paths import DISTROS_DIR
 
 
 class Family(StrEnum):

@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from imagekit.distros import Agent, Distro
-from imagekit.errors import BuildError, InputError, VMError
-from imagekit.guest import CommandResult, Guest
+from imagekit.config.distros import Agent, Distro
+from imagekit.core.errors import BuildError, InputError, VMError
+from imagekit.vm.guest import CommandResult, Guest
 
-log = logging.getLogger("imagekit.checks.resource_setup")
+log = logging.getLogger(__name__)
 
 RESOURCE_DISK_SERIAL = "RESOURCEDISK"
 RESOURCE_DISK = f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{RESOURCE_DISK_SERIAL}"

@@ -1,7 +1,7 @@
-"""SSH into a guest with paramiko: the :class:`~imagekit.guest.Guest` the checks use.
+"""SSH into a guest with paramiko: the :class:`~imagekit.vm.guest.Guest` the checks use.
 
 The harness reaches the guest's sshd through a Unix socket that the VM's namespace child relays to
-QEMU's ``hostfwd`` port (:mod:`imagekit.netns`); paramiko takes that socket as ``sock``. So the
+QEMU's ``hostfwd`` port (:mod:`imagekit.vm.netns`); paramiko takes that socket as ``sock``. So the
 connection never touches the host's network and needs no port on the host.
 
 Host keys are never written anywhere (no known_hosts). A :class:`HostKeyPolicy` decides:
@@ -35,10 +35,10 @@ from types import TracebackType
 
 import paramiko
 
-from imagekit.errors import ImagekitError, InputError, VMError
-from imagekit.guest import CommandResult
+from imagekit.core.errors import ImagekitError, InputError, VMError
+from imagekit.vm.guest import CommandResult
 
-log = logging.getLogger("imagekit.ssh")
+log = logging.getLogger(__name__)
 # paramiko logs a traceback from its transport thread for every refused attempt while sshd restarts;
 # the retry loop reports what matters. (A handler here keeps them off Python's last-resort stderr.)
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -143,7 +143,7 @@ def load_private_key(path: Path) -> paramiko.PKey:
 
 
 class SSHGuest:
-    """A :class:`~imagekit.guest.Guest` over SSH through a Unix socket."""
+    """A :class:`~imagekit.vm.guest.Guest` over SSH through a Unix socket."""
 
     def __init__(
         self,
@@ -204,7 +204,7 @@ class SSHGuest:
 
     def connect(self, timeout: float = 300.0, *, alive: Callable[[], None] | None = None) -> float:
         """Log in, retrying until ``timeout``; ``alive`` is called between attempts (it raises when the
-        VM is gone, e.g. :meth:`imagekit.vm.VM.check`). Returns the seconds it took."""
+        VM is gone, e.g. :meth:`imagekit.vm.runner.VM.check`). Returns the seconds it took."""
         start = time.monotonic()
         deadline = start + timeout
         last: BaseException | None = None

@@ -15,7 +15,7 @@ stderr — never a pass or a skip. A shell probe that may legitimately find noth
 (it ends with :data:`PROBE_OK` only when every part of it ran), so "nothing found" and "the command
 failed" never look alike.
 
-Checks talk to the guest only through :class:`~imagekit.guest.Guest`, so the unit tests drive them with
+Checks talk to the guest only through :class:`~imagekit.vm.guest.Guest`, so the unit tests drive them with
 a test double and the VM tests with the real SSH connection. Commands are cached per context: several
 checks reading ``sshd -T`` or ``/proc/swaps`` see the same output and the guest runs it once.
 """
@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from imagekit.checks.resource_setup import ResourceDiskPlan
-from imagekit.distros import Agent, Distro, Family
-from imagekit.errors import ImagekitError, InputError
-from imagekit.guest import CommandResult, Guest
-from imagekit.ovf import ProvisioningProfile
+from imagekit.config.distros import Agent, Distro, Family
+from imagekit.config.profile import ProvisioningProfile
+from imagekit.core.errors import ImagekitError, InputError
+from imagekit.provision.resource_setup import ResourceDiskPlan
+from imagekit.vm.guest import CommandResult, Guest
 
-log = logging.getLogger("imagekit.checks")
+log = logging.getLogger(__name__)
 
 
 class Status(StrEnum):
@@ -296,7 +296,12 @@ def catalogue() -> dict[str, Check]:
 
 def _load_all() -> None:
     # The check modules register themselves on import.
-    from imagekit.checks import family, provisioning, resource_disk, standard  # noqa: F401
+    from imagekit.checks.categories import (
+        family,  # noqa: F401
+        provisioning,  # noqa: F401
+        resource_disk,  # noqa: F401
+        standard,  # noqa: F401
+    )
 
 
 def select(ids: Sequence[str] | None = None, categories: Sequence[str] | None = None) -> list[Check]:

@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from imagekit.errors import InputError
-from imagekit.ovf import ProvisioningProfile, render_ovf_env
+from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.core.errors import InputError
 
-log = logging.getLogger("imagekit.iso")
+log = logging.getLogger(__name__)
 
 VOLUME_ID = "rd_rdfe_stable"
 OVF_FILE_NAME = "ovf-env.xml"

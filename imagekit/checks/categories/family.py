@@ -29,9 +29,9 @@ import re
 from collections.abc import Iterator
 
 from imagekit.base.apt import parse_deb822, parse_one_line
-from imagekit.checks.base import PROBE_OK, CheckContext, CheckResult, check, failed, passed
-from imagekit.distros import Distro, Family
-from imagekit.guest import CommandResult
+from imagekit.checks.registry import PROBE_OK, CheckContext, CheckResult, check, failed, passed
+from imagekit.config.distros import Distro, Family
+from imagekit.vm.guest import CommandResult
 
 ROOT_VAR = "IMAGEKIT_PROBE_ROOT"
 _R = f'r="${{{ROOT_VAR}:-}}"; '

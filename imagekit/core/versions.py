@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from imagekit.errors import InputError
+from imagekit.core.errors import InputError
 
 MAX_PART = 2**31 - 1
 MAX_BUILDS_PER_DAY = 100

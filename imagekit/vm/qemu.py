@@ -1,7 +1,7 @@
 """QEMU command lines for Azure-like VMs, and the accelerator probe.
 
 :func:`build_argv` is pure: a frozen :class:`VMSpec` in, an argv list out, no files touched and no
-process started (launching lives in :mod:`imagekit.vm` and :mod:`imagekit.netns`). The guest sees what an
+process started (launching lives in :mod:`imagekit.vm.runner` and :mod:`imagekit.vm.netns`). The guest sees what an
 Azure generation 1 VM shows it:
 
 * SMBIOS system "Microsoft Corporation" / "Virtual Machine" / "Hyper-V UEFI Release v4.1" and the chassis
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from imagekit.errors import HostError, InputError
-from imagekit.paths import cache_dir
+from imagekit.core.errors import HostError, InputError
+from imagekit.core.paths import cache_dir
 
-log = logging.getLogger("imagekit.qemu")
+log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
 

@@ -10,7 +10,6 @@ import json
 import re
 import shlex
 
-from imagekit.checks.base import ABSENT, PROBE_OK, CheckContext, CheckResult, Evidence, check, failed, passed
 from imagekit.checks.probes import (
     CMDLINE,
     WAAGENT_VERSION,
@@ -21,8 +20,9 @@ from imagekit.checks.probes import (
     version_tuple,
     waagent_conf,
 )
-from imagekit.checks.resource_setup import SHIM_MARK, WAAGENT_UNITS
-from imagekit.distros import Agent, Family
+from imagekit.checks.registry import ABSENT, PROBE_OK, CheckContext, CheckResult, Evidence, check, failed, passed
+from imagekit.config.distros import Agent, Family
+from imagekit.provision.resource_setup import SHIM_MARK, WAAGENT_UNITS
 
 # Families whose initramfs is initramfs-tools: its init runs `sleep $ROOTDELAY` unconditionally, so
 # rootdelay=300 costs five minutes at every boot (azure-platform.md §8). dracut waits *up to* rootdelay.
@@ -251,7 +251,7 @@ def no_preexisting_users(ctx: CheckContext) -> CheckResult:
 
 def _refused_copies_of_ovf_keys(text: str, ovf_keys: tuple[str, ...]) -> bool:
     """True if every key line is one of the OVF's keys behind a ``command=`` option (a login refusal)."""
-    from imagekit.checks.provisioning import _key_id
+    from imagekit.checks.categories.provisioning import _key_id
 
     wanted = {_key_id(k) for k in ovf_keys}
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]

@@ -6,8 +6,8 @@ and ``cloud-init clean`` exist to remove (azure-platform.md §6), Azure's certif
 (image-standards.md §1: no default credentials, empty shell history) and what imagekit's own test set-up
 touches (azure-platform.md §8: cloud-init's ``comment=cloudconfig`` lines in /etc/fstab).
 
-Run as ``python -m imagekit.leakscan ROOT`` with the :class:`ScanInput` as JSON on stdin (secrets never on
-a command line), it prints the findings as JSON: this is how :mod:`imagekit.deprovision` runs it inside a
+Run as ``python -m imagekit.scan.rules ROOT`` with the :class:`ScanInput` as JSON on stdin (secrets never on
+a command line), it prints the findings as JSON: this is how :mod:`imagekit.generalize.deprovision` runs it inside a
 private mount namespace.
 """
 

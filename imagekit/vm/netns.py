@@ -1,6 +1,6 @@
 """Each VM in its own network namespace, reaching the fabric emulator and nothing else.
 
-The harness starts ``python -m imagekit.netns CONFIG.json`` under ``unshare --net --mount`` (as root) or
+The harness starts ``python -m imagekit.vm.netns CONFIG.json`` under ``unshare --net --mount`` (as root) or
 ``unshare --user --map-root-user --net --mount`` (rootless). Inside the fresh namespace only ``lo``
 exists, so QEMU's user networking (slirp) can NAT the guest's connections to nowhere but the namespace's
 own loopback:
@@ -50,10 +50,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from imagekit.errors import HostError
-from imagekit.run import run
+from imagekit.core.errors import HostError
+from imagekit.core.run import run
 
-log = logging.getLogger("imagekit.netns")
+log = logging.getLogger("imagekit.vm.netns")
 
 PR_SET_PDEATHSIG = 1
 LOOPBACK_ALIASES = ("169.254.169.254/32",)
@@ -124,7 +124,7 @@ def unshare_prefix() -> tuple[str, ...]:
 
 def child_argv(config_path: Path) -> list[str]:
     """The command that runs the namespace child for the config in ``config_path``."""
-    return [*unshare_prefix(), sys.executable, "-m", "imagekit.netns", os.fspath(config_path)]
+    return [*unshare_prefix(), sys.executable, "-m", "imagekit.vm.netns", os.fspath(config_path)]
 
 
 # --- the child (runs inside the namespace) ----------------------------------------------------------
@@ -312,7 +312,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s netns[%(process)d] %(levelname).1s %(message)s")
     if len(argv) != 1:
-        _emit("error", message="usage: python -m imagekit.netns CONFIG.json")
+        _emit("error", message="usage: python -m imagekit.vm.netns CONFIG.json")
         return 2
     try:
         config = NamespaceConfig.from_json(Path(argv[0]).read_text())

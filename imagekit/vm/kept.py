@@ -4,7 +4,7 @@ A kept VM's private directory (under the cache's ``vms/``) holds ``kept.json``: 
 that make it up (the namespace child with QEMU inside, and the fabric keeper), each with its start time so
 that a reused pid is never taken for the VM, and how to log in. :func:`stop` ends those processes and
 removes the directory with the secrets in it (the OVF ISO, the SSH key). A kept VM that ended by itself
-(powered off inside, killed) is reported as ended, and :func:`imagekit.vm.sweep_stale` removes its
+(powered off inside, killed) is reported as ended, and :func:`imagekit.vm.runner.sweep_stale` removes its
 directory the next time a VM starts.
 """
 
@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from imagekit.errors import InputError
+from imagekit.core.errors import InputError
+from imagekit.core.fsutil import write_text_atomic
+from imagekit.core.paths import vms_dir
 from imagekit.fabric.keeper import process_start
-from imagekit.fsutil import write_text_atomic
-from imagekit.paths import vms_dir
 
 __all__ = ["KEPT_FILE", "KeptVM", "Proc", "ended", "find", "list_kept", "process_start", "record", "stop", "vms_dir"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 TEMPLATES_DIR = REPO_ROOT / "templates"
 DISTROS_DIR = REPO_ROOT / "distros"
 IMAGES_DIR = REPO_ROOT / "images"

@@ -1,0 +1,1 @@
+"""The check catalogue, one module per category (the report lists them in this order)."""

@@ -1,0 +1,1 @@
+"""Provisioning: a VM booted the way Azure boots it, its agent provisioning it, a login."""
