@@ -25,8 +25,7 @@ from pathlib import Path
 from imagekit import capture
 from imagekit.core.errors import InputError
 from imagekit.core.run import require, run
-from imagekit.generalize.deprovision import scan_image
-from imagekit.scan.rules import ScanInput
+from imagekit.scan import ScanInput, scan_image
 
 MIB = 1 << 20
 

@@ -14,7 +14,7 @@ from imagekit import capture
 from imagekit.build import BuildOptions, build
 from imagekit.core.errors import BuildError
 from imagekit.gallery import Gallery
-from imagekit.generalize.deprovision import LeakFound
+from imagekit.scan import LeakFound
 
 pytestmark = pytest.mark.vm
 

@@ -16,7 +16,7 @@ import pytest
 
 from imagekit import capture
 from imagekit.core.run import which
-from imagekit.generalize.deprovision import LeakFound, check_image, find_partitions, fstab_mounts, scan_image
+from imagekit.scan import LeakFound, check_image, find_partitions, fstab_mounts, scan_image
 from imagekit.scan.rules import ScanInput, scan_tree
 
 pytestmark = pytest.mark.skipif(
