@@ -26,9 +26,9 @@ from imagekit.checks.registry import (
     HealthReport,
     RecordedFabric,
     overall_ok,
-    run_checks,
 )
 from imagekit.checks.report import Phase, RunInfo, default_report_dir, write_reports
+from imagekit.checks.runner import run_checks
 from imagekit.config.distros import Distro
 from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.log import Timings, step

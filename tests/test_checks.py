@@ -439,11 +439,11 @@ def test_unknown_check_names_get_a_clear_error() -> None:
 
 
 def test_key_parsing_ignores_options_and_comments() -> None:
-    from imagekit.checks.categories.provisioning import _key_id
+    from imagekit.checks.probes import key_id
 
     body = KEY.split()[1]
-    assert _key_id('from="10.0.0.0/8",no-pty ' + KEY) == ("ssh-ed25519", body)
-    assert _key_id(KEY.rsplit(" ", 1)[0]) == ("ssh-ed25519", body)
+    assert key_id('from="10.0.0.0/8",no-pty ' + KEY) == ("ssh-ed25519", body)
+    assert key_id(KEY.rsplit(" ", 1)[0]) == ("ssh-ed25519", body)
 
 
 def test_cloud_init_24_unit_names_and_the_dhcp_artefact_pass_with_a_note() -> None:

@@ -19,12 +19,10 @@ from imagekit.checks.registry import (
     HealthReport,
     RecordedFabric,
     Status,
-    catalogue,
     overall_ok,
-    run_checks,
-    select,
 )
 from imagekit.checks.report import RunInfo, summary_table, write_reports
+from imagekit.checks.runner import catalogue, run_checks, select
 from imagekit.provision.resource_setup import (
     RESOURCE_DISK,
     ResourceDiskPlan,

@@ -267,3 +267,9 @@ def sshd_config(ctx: CheckContext) -> tuple[dict[str, str], CommandResult]:
 
 def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:4])
+
+
+def key_id(key: str) -> tuple[str, str] | None:
+    """(type, base64 body) of an OpenSSH public key line, ignoring options and comment."""
+    m = re.search(r"((?:ssh|ecdsa|sk)-[\w@.-]+)\s+([A-Za-z0-9+/=]+)", key)
+    return (m.group(1), m.group(2)) if m else None

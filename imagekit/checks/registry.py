@@ -1,10 +1,10 @@
-"""The check framework: declarative checks, their results, the context they read, and the runner.
+"""The check framework: declarative checks, their results and the context they read.
 
 A :class:`Check` is data — an id, one sentence of what it verifies and why, the rule it comes from, and
 where it applies — plus a function that takes a :class:`CheckContext` and returns a :class:`CheckResult`
-whose evidence is the command output that decided it. :func:`run_checks` runs every applicable check;
-a check that fails or crashes never stops the others (a crash becomes an ``error`` result carrying the
-traceback).
+whose evidence is the command output that decided it. :func:`imagekit.checks.runner.run_checks` runs
+every applicable check; a check that fails or crashes never stops the others (a crash becomes an ``error``
+result carrying the traceback).
 
 Checks fail closed. A check reads the guest through :meth:`CheckContext.probe`, which returns a result
 only when the probe worked: an exit code the probe does not allow (sudo refused, a tool missing, a read
@@ -23,16 +23,15 @@ checks reading ``sshd -T`` or ``/proc/swaps`` see the same output and the guest 
 from __future__ import annotations
 
 import logging
-import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from imagekit.config.distros import Agent, Distro, Family
 from imagekit.config.profile import ProvisioningProfile
-from imagekit.core.errors import ImagekitError, InputError
+from imagekit.core.errors import ImagekitError
 from imagekit.provision.resource_setup import ResourceDiskPlan
 from imagekit.vm.guest import CommandResult, Guest
 
@@ -257,79 +256,40 @@ class CheckRun:
     seconds: float
 
 
-_REGISTRY: dict[str, Check] = {}
-# Reports list checks in this order: what provisioning did first, then the disks, then the image standard.
-CATEGORY_ORDER = ("provisioning", "resource-disk", "swap", "standard")
+class Checks:
+    """One category module's checks, in the order they are declared: each module makes one
+    (``CHECKS = Checks()``) and declares its checks with ``@CHECKS.add(...)``; the catalogue
+    (:mod:`imagekit.checks.runner`) lists the modules by name. Nothing registers itself by being imported."""
 
+    def __init__(self) -> None:
+        self._checks: dict[str, Check] = {}
 
-def check(
-    id: str,
-    *,
-    title: str,
-    verifies: str,
-    source: str,
-    agents: Iterable[Agent] = (),
-    families: Iterable[Family] = (),
-    applies: Callable[[Distro], str | None] | None = None,
-) -> Callable[[CheckFn], CheckFn]:
-    """Register the decorated function as a check; the category is the id's first dotted part."""
+    def add(
+        self,
+        id: str,
+        *,
+        title: str,
+        verifies: str,
+        source: str,
+        agents: Iterable[Agent] = (),
+        families: Iterable[Family] = (),
+        applies: Callable[[Distro], str | None] | None = None,
+    ) -> Callable[[CheckFn], CheckFn]:
+        """Declare the decorated function as a check; the category is the id's first dotted part."""
 
-    def deco(fn: CheckFn) -> CheckFn:
-        if id in _REGISTRY:
-            raise ValueError(f"duplicate check id {id!r}")
-        _REGISTRY[id] = Check(
-            id=id, title=title, verifies=verifies, source=source, category=id.split(".", 1)[0], fn=fn,
-            agents=frozenset(agents), families=frozenset(families), applies=applies,
-        )
-        return fn
+        def deco(fn: CheckFn) -> CheckFn:
+            if id in self._checks:
+                raise ValueError(f"duplicate check id {id!r}")
+            self._checks[id] = Check(
+                id=id, title=title, verifies=verifies, source=source, category=id.split(".", 1)[0], fn=fn,
+                agents=frozenset(agents), families=frozenset(families), applies=applies,
+            )
+            return fn
 
-    return deco
+        return deco
 
-
-def catalogue() -> dict[str, Check]:
-    """Every registered check by id, in registration order."""
-    _load_all()
-    order = {c: i for i, c in enumerate(CATEGORY_ORDER)}
-    ranked = sorted(enumerate(_REGISTRY.values()), key=lambda ic: (order.get(ic[1].category, 99), ic[0]))
-    return {c.id: c for _, c in ranked}
-
-
-def _load_all() -> None:
-    # The check modules register themselves on import.
-    from imagekit.checks.categories import (
-        family,  # noqa: F401
-        provisioning,  # noqa: F401
-        resource_disk,  # noqa: F401
-        standard,  # noqa: F401
-    )
-
-
-def select(ids: Sequence[str] | None = None, categories: Sequence[str] | None = None) -> list[Check]:
-    """Checks by id or category (all when neither is given); an unknown name is an error listing the known."""
-    cat = catalogue()
-    if ids:
-        unknown = [i for i in ids if i not in cat]
-        if unknown:
-            raise InputError(f"unknown check id(s): {', '.join(unknown)}; known: {', '.join(cat)}")
-        return [cat[i] for i in ids]
-    if categories:
-        known = sorted({c.category for c in cat.values()})
-        unknown = [c for c in categories if c not in known]
-        if unknown:
-            raise InputError(f"unknown check categories: {', '.join(unknown)}; known: {', '.join(known)}")
-        return [c for c in cat.values() if c.category in categories]
-    return list(cat.values())
-
-
-def run_checks(ctx: CheckContext, checks: Sequence[Check] | None = None) -> list[CheckRun]:
-    """Run ``checks`` (default: the whole catalogue) in order; every check runs whatever the others did."""
-    runs = []
-    for c in catalogue().values() if checks is None else checks:
-        start = time.monotonic()
-        result = c.run(ctx)
-        runs.append(CheckRun(c, result, round(time.monotonic() - start, 3)))
-        log.info("check %-40s %s  %s", c.id, result.status.value.upper(), result.summary)
-    return runs
+    def __iter__(self) -> Iterator[Check]:
+        return iter(self._checks.values())
 
 
 def overall_ok(runs: Sequence[CheckRun]) -> bool:

@@ -1,1 +1,2 @@
-"""The check catalogue, one module per category (the report lists them in this order)."""
+"""The check catalogue, one module per category; each module holds its checks in ``CHECKS`` and
+:mod:`imagekit.checks.runner` lists the modules."""

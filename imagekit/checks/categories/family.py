@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterator
 
 from imagekit.base.apt import parse_deb822, parse_one_line
-from imagekit.checks.registry import PROBE_OK, CheckContext, CheckResult, check, failed, passed
+from imagekit.checks.registry import PROBE_OK, CheckContext, CheckResult, Checks, failed, passed
 from imagekit.config.distros import Distro, Family
 from imagekit.vm.guest import CommandResult
 
@@ -119,6 +119,8 @@ REPOS_PROBE = (
     f"echo {PROBE_OK}"
 )
 
+CHECKS = Checks()
+
 
 def _probe(ctx: CheckContext, command: str) -> tuple[list[str], CommandResult]:
     """The probe's output lines; a probe that did not run to its closing marker raises ProbeFailed."""
@@ -157,7 +159,7 @@ def _kvp_applies(d: Distro) -> str | None:
     return f"no published KVP requirement for family {d.family.value}"
 
 
-@check(
+@CHECKS.add(
     "standard.hv-kvp-daemon",
     title="Hyper-V KVP daemon installed and started on Azure",
     verifies="The Hyper-V key-value-pair daemon is installed (unit and binary present), not masked, and "
@@ -224,7 +226,7 @@ def hv_kvp_daemon(ctx: CheckContext) -> CheckResult:
 # --- persistent network udev rules -----------------------------------------------------------------------
 
 
-@check(
+@CHECKS.add(
     "standard.no-persistent-net-rules",
     title="No persistent network udev rules",
     verifies="No udev rule pins interface names to MAC addresses (70-persistent-net.rules, cloud-init's "
@@ -244,7 +246,7 @@ def no_persistent_net_rules(ctx: CheckContext) -> CheckResult:
 # --- sudo targetpw ------------------------------------------------------------------------------------------
 
 
-@check(
+@CHECKS.add(
     "standard.sudo-no-targetpw",
     title="sudo does not ask for root's password",
     verifies="No sudoers file sets `Defaults targetpw`, because Azure images have no root password: with it, "
@@ -284,7 +286,7 @@ def _keyfiles(sec: dict[str, list[str]]) -> Iterator[tuple[str, dict[str, dict[s
         yield name[len("keyfile "):], groups
 
 
-@check(
+@CHECKS.add(
     "standard.rhel-network",
     title="Network configuration (RHEL family)",
     verifies="/etc/sysconfig/network says NETWORKING=yes and eth0 comes up by DHCP at boot under "
@@ -343,7 +345,7 @@ def rhel_network(ctx: CheckContext) -> CheckResult:
 # --- SUSE DHCP hostname --------------------------------------------------------------------------------------
 
 
-@check(
+@CHECKS.add(
     "standard.suse-dhcp-hostname",
     title="DHCP does not set the host name (SUSE)",
     verifies='/etc/sysconfig/network/dhcp sets DHCLIENT_SET_HOSTNAME="no", so the DHCP client does not '
@@ -388,7 +390,7 @@ def _repos_applies(d: Distro) -> str | None:
     return "Flatcar updates as a whole image and has no package repositories" if d.family is Family.FLATCAR else None
 
 
-@check(
+@CHECKS.add(
     "standard.repositories",
     title="Package repositories configured",
     verifies="The package manager is configured with the family's repositories, so a VM made from the image "

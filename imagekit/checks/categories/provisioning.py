@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from imagekit.checks.probes import WAAGENT_VERSION, file_text, read_file, sshd_config, version_tuple
-from imagekit.checks.registry import ABSENT, CheckContext, CheckResult, Evidence, ProbeFailed, check, failed, passed
+from imagekit.checks.probes import WAAGENT_VERSION, file_text, key_id, read_file, sshd_config, version_tuple
+from imagekit.checks.registry import ABSENT, CheckContext, CheckResult, Checks, Evidence, ProbeFailed, failed, passed
 from imagekit.config.distros import Agent
 from imagekit.config.profile import ProvisioningProfile
 from imagekit.provision.resource_setup import WAAGENT_UNITS
@@ -21,14 +21,10 @@ MARKER_CMD = (f"if [ -e {PROVISIONED_MARKER} ]; then ls -l {PROVISIONED_MARKER} 
 CLOUD_INIT_STATUS = (f"cloud-init status --long; if [ -e {BOOT_FINISHED} ]; then ls -l {BOOT_FINISHED}; "
                      f"else echo '{ABSENT}' {BOOT_FINISHED}; fi")
 
-
-def _key_id(key: str) -> tuple[str, str] | None:
-    """(type, base64 body) of an OpenSSH public key line, ignoring options and comment."""
-    m = re.search(r"((?:ssh|ecdsa|sk)-[\w@.-]+)\s+([A-Za-z0-9+/=]+)", key)
-    return (m.group(1), m.group(2)) if m else None
+CHECKS = Checks()
 
 
-@check(
+@CHECKS.add(
     "provisioning.user",
     title="OVF user exists with its SSH key",
     verifies="The user named in the OVF exists and its authorized_keys holds every public key the OVF "
@@ -45,16 +41,16 @@ def user(ctx: CheckContext) -> CheckResult:
         raise ctx.probe_failed("getent printed no passwd entry", pw)
     home = fields[5]
     text, keys = file_text(ctx, f"{home}/.ssh/authorized_keys")
-    have = {_key_id(line) for line in (text or "").splitlines()} - {None}
+    have = {key_id(line) for line in (text or "").splitlines()} - {None}
     missing = [k.split()[-1] if len(k.split()) > 2 else k[:40] for k in ctx.profile.ssh_public_keys
-               if _key_id(k) not in have]
+               if key_id(k) not in have]
     if missing:
         return failed(f"{len(missing)} of {len(ctx.profile.ssh_public_keys)} OVF key(s) missing from "
                       f"{home}/.ssh/authorized_keys", pw, keys)
     return passed(f"user {name} exists; all {len(ctx.profile.ssh_public_keys)} OVF key(s) authorized", pw, keys)
 
 
-@check(
+@CHECKS.add(
     "provisioning.password-auth",
     title="SSH password login as the OVF says",
     verifies="sshd's effective PasswordAuthentication is 'no' when the OVF sets "
@@ -74,7 +70,7 @@ def password_auth(ctx: CheckContext) -> CheckResult:
     return passed(f"PasswordAuthentication {got}, as the OVF asks", line)
 
 
-@check(
+@CHECKS.add(
     "provisioning.hostname",
     title="Hostname set and resolvable",
     verifies="The guest's hostname is the OVF's HostName and resolves, because tools such as sudo and "
@@ -93,7 +89,7 @@ def hostname(ctx: CheckContext) -> CheckResult:
     return passed(f"hostname {want} set and resolves to {res.stdout.split()[0]}", hn, res)
 
 
-@check(
+@CHECKS.add(
     "provisioning.sudo",
     title="Sudo rules for the OVF user",
     verifies="The OVF user may run any command as root, without a password when the OVF gave none "
@@ -115,7 +111,7 @@ def sudo(ctx: CheckContext) -> CheckResult:
     return passed(f"{name}: {(nopw or all_rules)[0]}", res)
 
 
-@check(
+@CHECKS.add(
     "provisioning.marker",
     title="Agent's provisioned marker",
     verifies="The agent wrote its 'provisioned' state (waagent's /var/lib/waagent/provisioned; cloud-init's "
@@ -160,7 +156,7 @@ def redact_ovf(text: str, profile: ProvisioningProfile) -> str:
     return text
 
 
-@check(
+@CHECKS.add(
     "provisioning.ovf-redacted",
     title="OVF copy on disk has the password redacted",
     verifies="The copy of ovf-env.xml the agents leave in /var/lib/waagent holds no clear-text password, "
@@ -189,7 +185,7 @@ def ovf_redacted(ctx: CheckContext) -> CheckResult:
     return passed(f"{OVF_COPY}: {what}", safe)
 
 
-@check(
+@CHECKS.add(
     "provisioning.ready-reported",
     title="Ready reported to the fabric",
     verifies="The agent reported the role instance Ready to the WireServer (the emulator recorded it), "
@@ -211,7 +207,7 @@ def ready_reported(ctx: CheckContext) -> CheckResult:
     return passed(f"Ready reported ({len(reports)} health report(s))", ev)
 
 
-@check(
+@CHECKS.add(
     "provisioning.agent-running",
     title="Azure agent running, and its version",
     verifies="The Azure Linux agent service is active (it reports health and runs extensions after "

@@ -21,7 +21,7 @@ from imagekit.checks.probes import (
     swaps,
     topology,
 )
-from imagekit.checks.registry import ABSENT, CheckContext, CheckResult, Evidence, check, failed, passed, skipped
+from imagekit.checks.registry import ABSENT, CheckContext, CheckResult, Checks, Evidence, failed, passed, skipped
 from imagekit.config.distros import Agent
 
 README = "DATALOSS_WARNING_README.txt"
@@ -29,6 +29,8 @@ README = "DATALOSS_WARNING_README.txt"
 SWAP_LOG = "grep -iE 'swap|dd (un)?successful' /var/log/waagent.log | tail -n 15"
 # Names under which a resource disk may legitimately appear in /etc/fstab (Azure's udev links, ours).
 RESOURCE_DISK_NAMES = ("/dev/disk/azure/resource", "/dev/disk/cloud/azure_resource")
+
+CHECKS = Checks()
 
 
 def readme_cmd(path: str) -> str:
@@ -50,7 +52,7 @@ def _note(ctx: CheckContext) -> str:
     return text
 
 
-@check(
+@CHECKS.add(
     "resource-disk.mounted",
     title="Resource disk mounted as configured",
     verifies="The resource disk is mounted at the configured mount point with the configured filesystem, "
@@ -87,7 +89,7 @@ def mounted(ctx: CheckContext) -> CheckResult:
     return passed(f"{source} ({fstype}) on the resource disk {rdisk} is mounted at {exp.mount_point}", *evidence)
 
 
-@check(
+@CHECKS.add(
     "resource-disk.readme",
     title="DATALOSS_WARNING_README.txt on the resource disk",
     verifies="waagent wrote DATALOSS_WARNING_README.txt to the mounted resource disk, so that users see the "
@@ -113,7 +115,7 @@ def readme(ctx: CheckContext) -> CheckResult:
     return passed(f"{path} present on {src}", *evidence)
 
 
-@check(
+@CHECKS.add(
     "swap.resource-disk",
     title="Swap on the resource disk as configured",
     verifies="With swap enabled, an active swap of the configured size lives on the resource disk "
@@ -173,7 +175,7 @@ def swap_on_resource_disk(ctx: CheckContext) -> CheckResult:
                   f"disk {rdisk}", *evidence)
 
 
-@check(
+@CHECKS.add(
     "swap.not-on-os-disk",
     title="No swap on the OS disk",
     verifies="No swap partition, active swap or fstab swap entry lives on the OS disk, because Azure OS "

@@ -14,13 +14,14 @@ from imagekit.checks.probes import (
     CMDLINE,
     WAAGENT_VERSION,
     conf_lines,
+    key_id,
     os_disk,
     sshd_config,
     topology,
     version_tuple,
     waagent_conf,
 )
-from imagekit.checks.registry import ABSENT, PROBE_OK, CheckContext, CheckResult, Evidence, check, failed, passed
+from imagekit.checks.registry import ABSENT, PROBE_OK, CheckContext, CheckResult, Checks, Evidence, failed, passed
 from imagekit.config.distros import Agent, Family
 from imagekit.provision.resource_setup import SHIM_MARK, WAAGENT_UNITS
 
@@ -93,6 +94,8 @@ PYTHON = ("if command -v python3 >/dev/null; then python3 --version; "
           "elif command -v python >/dev/null; then python --version 2>&1; "
           f"else echo '{ABSENT}' python; fi")
 
+CHECKS = Checks()
+
 
 def _log_grep(path: str, pattern: str, extra: str = "") -> str:
     """Shell: the matching lines of a log with numbers (nothing when none match), ``extra``, ``ls -l``;
@@ -112,7 +115,7 @@ def _cmdline_args(ctx: CheckContext) -> tuple[list[str], Evidence]:
     return res.stdout.split(), res
 
 
-@check(
+@CHECKS.add(
     "standard.cmdline-console",
     title="Kernel console on ttyS0",
     verifies="The kernel command line has console=ttyS0, so boot messages reach Azure's serial console "
@@ -131,7 +134,7 @@ def cmdline_console(ctx: CheckContext) -> CheckResult:
     return passed(f"{hits[-1]} on the kernel command line", res)
 
 
-@check(
+@CHECKS.add(
     "standard.cmdline-earlyprintk",
     title="earlyprintk on ttyS0",
     verifies="The kernel command line has earlyprintk=ttyS0, so a kernel that dies before the console is "
@@ -146,7 +149,7 @@ def cmdline_earlyprintk(ctx: CheckContext) -> CheckResult:
     return passed(f"{hits[0]} on the kernel command line", res)
 
 
-@check(
+@CHECKS.add(
     "standard.cmdline-rootdelay",
     title="rootdelay as the family's initramfs needs",
     verifies="Where the initramfs treats rootdelay as an upper bound (dracut families), rootdelay=300 is "
@@ -170,7 +173,7 @@ def cmdline_rootdelay(ctx: CheckContext) -> CheckResult:
     return passed(f"{delays[-1]} (an upper bound for this family's initramfs)", res)
 
 
-@check(
+@CHECKS.add(
     "standard.client-alive-interval",
     title="sshd ClientAliveInterval 30–235",
     verifies="sshd's effective ClientAliveInterval is between 30 and 235 seconds (180 recommended), so "
@@ -190,7 +193,7 @@ def client_alive_interval(ctx: CheckContext) -> CheckResult:
     return passed(f"ClientAliveInterval {raw}", line)
 
 
-@check(
+@CHECKS.add(
     "standard.shell-history",
     title="Shell history empty",
     verifies="No shell history file of root or any user holds commands, because a published image must "
@@ -212,7 +215,7 @@ def shell_history(ctx: CheckContext) -> CheckResult:
                   else "no shell history files", res)
 
 
-@check(
+@CHECKS.add(
     "standard.no-preexisting-users",
     title="No pre-existing users, passwords or keys",
     verifies="Besides the user provisioning created, no regular user exists and no account has a password "
@@ -251,16 +254,14 @@ def no_preexisting_users(ctx: CheckContext) -> CheckResult:
 
 def _refused_copies_of_ovf_keys(text: str, ovf_keys: tuple[str, ...]) -> bool:
     """True if every key line is one of the OVF's keys behind a ``command=`` option (a login refusal)."""
-    from imagekit.checks.categories.provisioning import _key_id
-
-    wanted = {_key_id(k) for k in ovf_keys}
+    wanted = {key_id(k) for k in ovf_keys}
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     return bool(lines) and all(
-        "command=" in ln.split(" ssh-")[0] and _key_id(ln) in wanted for ln in lines
+        "command=" in ln.split(" ssh-")[0] and key_id(ln) in wanted for ln in lines
     )
 
 
-@check(
+@CHECKS.add(
     "standard.waagent-version",
     title="Azure Linux agent ≥ 2.2.41",
     verifies="The installed Azure Linux agent is at least 2.2.41, the oldest version Azure certifies.",
@@ -279,7 +280,7 @@ def waagent_version(ctx: CheckContext) -> CheckResult:
     return passed(f"waagent {v}", res)
 
 
-@check(
+@CHECKS.add(
     "standard.agent-autoupdate",
     title="Agent auto-update enabled",
     verifies="waagent.conf leaves AutoUpdate.Enabled on, so the agent's extension handler keeps itself "
@@ -299,7 +300,7 @@ def agent_autoupdate(ctx: CheckContext) -> CheckResult:
     return passed(f"AutoUpdate.Enabled={value}", ev)
 
 
-@check(
+@CHECKS.add(
     "standard.64bit",
     title="64-bit OS",
     verifies="The kernel and userland are 64-bit, as Azure supports only 64-bit Linux images.",
@@ -327,7 +328,7 @@ def _tool_version(ctx: CheckContext, command: str, pattern: str, minimum: tuple[
     return passed(f"{what} {m.group(1)}", res)
 
 
-@check(
+@CHECKS.add(
     "standard.openssl",
     title="OpenSSL present",
     verifies="OpenSSL ≥ 0.9.8 is installed, which the agents use for certificates and the wire protocol.",
@@ -337,7 +338,7 @@ def openssl(ctx: CheckContext) -> CheckResult:
     return _tool_version(ctx, OPENSSL, r"OpenSSL\s+(\d+\.\d+\.\d+)", (0, 9, 8), "OpenSSL")
 
 
-@check(
+@CHECKS.add(
     "standard.python",
     title="Python present",
     verifies="Python ≥ 2.6 is installed, which the Azure Linux agent runs on.",
@@ -352,7 +353,7 @@ def python(ctx: CheckContext) -> CheckResult:
 _BOOT_TYPES = {"21686148-6248-6449-6E6F-744E656564454649", "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "ef", "ef02"}
 
 
-@check(
+@CHECKS.add(
     "standard.root-partition",
     title="Single root partition at 1 MiB",
     verifies="The OS disk holds one root partition (beside only boot partitions), not LVM, and its first "
@@ -393,7 +394,7 @@ def root_partition(ctx: CheckContext) -> CheckResult:
     return passed(f"root {root_src} on {osd}; first partition at 1 MiB; {len(parts)} partition(s)", *evidence)
 
 
-@check(
+@CHECKS.add(
     "standard.udf-vfat",
     title="udf and vfat available",
     verifies="The udf and vfat filesystems can be loaded (not missing, blacklisted or disabled), because "
@@ -420,7 +421,7 @@ def udf_vfat(ctx: CheckContext) -> CheckResult:
     return passed("udf and vfat loadable", res)
 
 
-@check(
+@CHECKS.add(
     "standard.hv-initramfs",
     title="Hyper-V drivers in the initramfs",
     verifies="hv_vmbus, hv_storvsc and hv_netvsc are in the initramfs (or built in), because without them "
@@ -437,7 +438,7 @@ def hv_initramfs(ctx: CheckContext) -> CheckResult:
     return passed("hv_vmbus, hv_storvsc and hv_netvsc present", res)
 
 
-@check(
+@CHECKS.add(
     "standard.waagent-log",
     title="No errors in waagent.log",
     verifies="waagent.log has no ERROR lines or tracebacks, which show a part of the agent failing.",
@@ -463,7 +464,7 @@ def waagent_log(ctx: CheckContext) -> CheckResult:
     return passed(f"no errors in waagent.log{note}", res)
 
 
-@check(
+@CHECKS.add(
     "standard.cloud-init-log",
     title="No errors in cloud-init.log",
     verifies="cloud-init.log has no ERROR/CRITICAL lines, failed modules or tracebacks, which show part "
@@ -485,7 +486,7 @@ def cloud_init_log(ctx: CheckContext) -> CheckResult:
     return passed(f"no errors in cloud-init.log{note}", res)
 
 
-@check(
+@CHECKS.add(
     "standard.serial-console",
     title="Serial console enabled",
     verifies="A login prompt runs on ttyS0 and the kernel console points there, so Azure's serial console "
@@ -507,7 +508,7 @@ def serial_console(ctx: CheckContext) -> CheckResult:
     return passed("serial-getty@ttyS0 active; console=ttyS0", res, cmd)
 
 
-@check(
+@CHECKS.add(
     "standard.services-enabled",
     title="sshd and the agents enabled at boot",
     verifies="sshd and the Azure agent (and cloud-init, where it provisions) are enabled at boot, or a VM "
