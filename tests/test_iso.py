@@ -15,12 +15,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.errors import InputError
 from imagekit.core.paths import REPO_ROOT
 from imagekit.core.run import run, which
 from imagekit.media import iso
 from imagekit.media.iso import OVF_PATHS, iso_volume_id, read_ovf_iso, write_ovf_iso
+from imagekit.media.ovf import render_ovf_env
 
 PASSWORD = "Iso-Pässw0rd<&>"
 CUSTOM_DATA = "#cloud-config\n# <&> ü ✓\n".encode()

@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from imagekit.config import profile as ovf
-from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.errors import InputError
+from imagekit.media import ovf as ovf_xml
+from imagekit.media.ovf import render_ovf_env
 
 # Passwords and custom data with XML's special characters, CDATA's terminator and non-ASCII text.
 TRICKY_PASSWORD = "  Pä<s&w>\"o'rd]]>1 ✓ "
@@ -231,15 +233,16 @@ def test_even_a_broken_template_cannot_produce_an_empty_provision_guest_agent(
 ) -> None:
     """The last line of defence: the rendered document is checked, so ovf-env-3.xml can never come out."""
     broken = (wa_fixtures / "ovf-env-3.xml").read_text()
-    env = jinja2.Environment(loader=jinja2.DictLoader({ovf.TEMPLATE_NAME: broken}), undefined=jinja2.StrictUndefined)
-    monkeypatch.setattr(ovf, "template_environment", lambda: env)
+    env = jinja2.Environment(loader=jinja2.DictLoader({ovf_xml.TEMPLATE_NAME: broken}),
+                             undefined=jinja2.StrictUndefined)
+    monkeypatch.setattr(ovf_xml, "template_environment", lambda: env)
     with pytest.raises(InputError, match="ProvisionGuestAgent came out empty"):
         render_ovf_env(make(ed25519_pub))
 
 
 def test_template_refuses_a_missing_variable() -> None:
     """StrictUndefined: leaving out provision_guest_agent is an error, not an empty element."""
-    template = ovf.template_environment().get_template(ovf.TEMPLATE_NAME)
+    template = ovf_xml.template_environment().get_template(ovf_xml.TEMPLATE_NAME)
     values: dict[str, Any] = {
         "hostname": "h",
         "username": "u",
@@ -254,7 +257,7 @@ def test_template_refuses_a_missing_variable() -> None:
 
 
 def test_template_escapes_values() -> None:
-    template = ovf.template_environment().get_template(ovf.TEMPLATE_NAME)
+    template = ovf_xml.template_environment().get_template(ovf_xml.TEMPLATE_NAME)
     out = template.render(
         hostname="<x>",
         username="a&b",

@@ -21,8 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.errors import InputError
+from imagekit.media.ovf import render_ovf_env
 
 log = logging.getLogger(__name__)
 

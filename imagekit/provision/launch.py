@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagekit.config.distros import Agent, Distro
-from imagekit.config.profile import ProvisioningProfile, render_ovf_env
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.errors import ProvisioningError
 from imagekit.core.log import Timings
 from imagekit.core.paths import cache_dir
@@ -41,6 +41,7 @@ from imagekit.core.run import run
 from imagekit.fabric import AgentReportedFailure, Fabric, ReadyTimeout, ReportedState, VMIdentity
 from imagekit.fabric.keeper import Keeper, hand_over
 from imagekit.media.iso import build_iso_bytes, write_ovf_iso
+from imagekit.media.ovf import render_ovf_env
 from imagekit.media.resource_disk import create_resource_disk
 from imagekit.vm import kept as kept_vms
 from imagekit.vm import qemu
