@@ -10,13 +10,16 @@ the base-image cache before the digest matches.
 
 from __future__ import annotations
 
+import base64
 import bz2
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import lzma
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -31,12 +34,13 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from imagekit.base import cache as cache_mod
-from imagekit.base import disk, offline
+from imagekit.base import disk
+from imagekit.base.bootstrap import PRIVATE_NAMESPACES
 from imagekit.base.inputs import BaseImage, check_free_space, is_enospc, static_inputs
 from imagekit.config.distros import Compression, Distro, ImageFormat
 from imagekit.core.errors import BuildError, HostError
 from imagekit.core.log import Timings, step
-from imagekit.core.paths import cache_dir
+from imagekit.core.paths import REPO_ROOT, cache_dir
 from imagekit.core.run import run
 
 log = logging.getLogger(__name__)
@@ -328,7 +332,7 @@ def _prepare(distro: Distro, original: Path, work: Path, out: Path, timings: Tim
                 f.truncate(target)
     part = root_partition(raw)
     with step(f"Configuring {distro.agent.value} in the image (offline)", timings):
-        facts = offline.configure_image(raw, part.offset, part.size_sectors * disk.SECTOR, distro)
+        facts = configure_offline(raw, part.offset, part.size_sectors * disk.SECTOR, distro)
     with step("Converting to qcow2", timings):
         image = out / cache_mod.IMAGE_NAME
         disk.to_qcow2(raw, image)
@@ -342,6 +346,25 @@ def _prepare(distro: Distro, original: Path, work: Path, out: Path, timings: Tim
         "disk_size_mib": target // disk.MIB,
         "kernel_cmdline": "",  # the vendor's boot configuration is kept as shipped
     }
+
+
+def configure_offline(raw: Path, offset: int, sizelimit: int, distro: Distro) -> dict[str, Any]:
+    """Configure the root file system at ``offset`` of ``raw`` in private namespaces
+    (``python -m imagekit.base.offline``, which no module imports); return facts (packages, kernel)."""
+    # The entry travels pickled: it may be a modified copy that no file on disk describes.
+    request = {"raw": str(raw), "offset": offset, "sizelimit": sizelimit,
+               "distro": base64.b64encode(pickle.dumps(distro)).decode()}
+    res = run([*PRIVATE_NAMESPACES, sys.executable, "-m", "imagekit.base.offline"],
+              input=json.dumps(request), cwd=REPO_ROOT, check=False)
+    lines = res.stdout.strip().splitlines()
+    try:
+        reply: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if res.returncode != 0 or "error" in reply or not reply:
+        detail = reply.get("error") or "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
+        raise BuildError(f"configuring {distro.id} inside the downloaded image failed: {detail}")
+    return reply
 
 
 def _fs_uuid(raw: Path, part: disk.Partition) -> str:

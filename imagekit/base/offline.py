@@ -1,6 +1,6 @@
 """Configure the agent inside a downloaded image, offline, from the distro table.
 
-:func:`configure_image` runs this module as ``unshare --mount --propagation private python -m
+:func:`imagekit.base.download.configure_offline` runs this module as ``unshare --mount --propagation private python -m
 imagekit.base.offline`` with a JSON request on stdin. Inside that private mount namespace the image's
 root partition is loop-mounted at its offset (``mount -o loop`` sets autoclear, so the loop device goes
 away with the mount) and, when packages must be installed, /proc, /sys and /dev are bind-mounted for
@@ -31,30 +31,9 @@ from typing import Any
 from imagekit.base import customize
 from imagekit.config.distros import Distro, Family
 from imagekit.core.errors import BuildError, ImagekitError
-from imagekit.core.paths import REPO_ROOT
 from imagekit.core.run import run
 
 APT_FAMILIES = (Family.DEBIAN, Family.UBUNTU)
-
-
-def configure_image(raw: Path, offset: int, sizelimit: int, distro: Distro) -> dict[str, Any]:
-    """Configure the root file system at ``offset`` of ``raw``; return facts (packages, kernel)."""
-    # The entry travels pickled: it may be a modified copy that no file on disk describes.
-    request = {"raw": str(raw), "offset": offset, "sizelimit": sizelimit,
-               "distro": base64.b64encode(pickle.dumps(distro)).decode()}
-    from imagekit.base.bootstrap import PRIVATE_NAMESPACES
-
-    res = run([*PRIVATE_NAMESPACES, sys.executable, "-m", "imagekit.base.offline"],
-              input=json.dumps(request), cwd=REPO_ROOT, check=False)
-    lines = res.stdout.strip().splitlines()
-    try:
-        reply: dict[str, Any] = json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        reply = {}
-    if res.returncode != 0 or "error" in reply or not reply:
-        detail = reply.get("error") or "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
-        raise BuildError(f"configuring {distro.id} inside the downloaded image failed: {detail}")
-    return reply
 
 
 def _dpkg_packages(root: Path) -> dict[str, str]:

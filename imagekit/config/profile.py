@@ -442,4 +442,3 @@ def _read_text(path: Path, field_name: str, limit: int) -> str:
         raise _fail(field_name, f"{path} is not UTF-8 text", "a UTF-8 text file") from None
 
 
-# --- rendering ------------------------------------------------------------------------------------
