@@ -17,7 +17,7 @@ import re
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -160,8 +160,10 @@ def test_decompression_per_entry(tmp_path: Path, compression: Compression) -> No
         (tmp_path / "plain").write_bytes(payload)
         subprocess.run(["zstd", "-q", str(tmp_path / "plain"), "-o", str(src)], check=True)
     else:
-        packer = {Compression.NONE: lambda b: b, Compression.GZ: gzip.compress, Compression.XZ: lzma.compress,
-                  Compression.BZ2: bz2.compress}[compression]
+        packers: dict[Compression, Callable[[bytes], bytes]] = {
+            Compression.NONE: bytes, Compression.GZ: gzip.compress, Compression.XZ: lzma.compress,
+            Compression.BZ2: bz2.compress}
+        packer = packers[compression]
         src.write_bytes(packer(payload))
     decompress(src, tmp_path / "out", compression)
     assert (tmp_path / "out").read_bytes() == payload

@@ -171,7 +171,8 @@ def test_timeline_and_fabric_record_helpers() -> None:
 def test_check_task_exits_non_zero_when_a_check_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The task layer only: check_distro (which provisions a VM; see the VM tests) is replaced by one that
     returns a run with a failed check."""
-    from invoke import Context, Exit
+    from invoke.context import Context
+    from invoke.exceptions import Exit
 
     import tasks
     from imagekit import checkrun as pipeline

@@ -9,6 +9,7 @@ command strings; the catalogue is read from the registry when the tests are coll
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -45,7 +46,7 @@ class FailingGuest:
         return CommandResult(command, self.returncode, self.stdout, self.stderr)
 
 
-MODES = {
+MODES: dict[str, tuple[Callable[[], FailingGuest], str | None]] = {
     "exit 1 with an error": (lambda: FailingGuest(1, "", "cat: /etc/x: Input/output error\n"),
                              "Input/output error"),
     "sudo refused": (lambda: FailingGuest(1, "", "sudo: a password is required\n"), "sudo: a password is required"),

@@ -37,6 +37,12 @@ def _w(root: Path, rel: str, text: str | bytes, mode: int = 0o644) -> None:
     p.chmod(mode)
 
 
+def _dbus_machine_id(root: Path) -> None:
+    """The D-Bus copy of the machine-id: a file of its own (the clean image has it as a link to /etc)."""
+    (root / "var/lib/dbus/machine-id").unlink()
+    _w(root, "/var/lib/dbus/machine-id", "0123456789abcdef\n")
+
+
 def clean_tree(root: Path) -> None:
     """A generalized Debian-like root: what a correctly deprovisioned image holds in the places scanned."""
     _w(root, "/etc/passwd", "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
@@ -97,9 +103,7 @@ LEAKS: dict[str, tuple[Plant, str, str]] = {
                    "dhcp-lease", "/var/lib/dhcp/dhclient.eth0.leases"),
     "machine-id": (lambda r: _w(r, "/etc/machine-id", "0123456789abcdef0123456789abcdef\n"), "machine-id",
                    "/etc/machine-id"),
-    "dbus machine-id": (lambda r: ((r / "var/lib/dbus/machine-id").unlink(),
-                                   _w(r, "/var/lib/dbus/machine-id", "0123456789abcdef\n")),  # type: ignore[func-returns-value]
-                        "machine-id", "/var/lib/dbus/machine-id"),
+    "dbus machine-id": (_dbus_machine_id, "machine-id", "/var/lib/dbus/machine-id"),
     "hostname": (lambda r: _w(r, "/etc/hostname", f"{HOST}\n"), "hostname", "/etc/hostname"),
     "fstab cloudconfig line": (lambda r: _w(r, "/etc/fstab", (r / "etc/fstab").read_text()
                                             + "/dev/disk/cloud/azure_resource-part1 /mnt/resource auto "

@@ -61,7 +61,7 @@ def test_bad_size_refused(tmp_path: Path) -> None:
 
 
 def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_run = resourcedisk.run
+    real_run = resourcedisk.run  # type: ignore[attr-defined]
 
     def failing(argv: list[str], **kw: object) -> object:
         if str(argv[0]) == "ntfscp":
