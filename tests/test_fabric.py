@@ -44,6 +44,7 @@ from imagekit.fabric import (
     dns_answer,
     dns_names,
 )
+from tests.unixhttp import UnixHTTPConnection
 
 UUID_A = uuid.UUID("12345678-1234-5678-9abc-def012345678")
 UUID_B = uuid.UUID("87654321-4321-8765-cba9-876543210fed")
@@ -69,22 +70,10 @@ def running(sockdir: Path) -> Iterator[tuple[Fabric, SocketPaths]]:
         yield fabric, fabric.start(sockdir)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=30)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
 def request(
     sock: Path, method: str, target: str, headers: dict[str, str] | None = None, body: bytes | None = None
 ) -> tuple[int, str, bytes]:
-    conn = _UnixConnection(sock)
+    conn = UnixHTTPConnection(sock)
     try:
         conn.request(method, target, body=body, headers=headers or {})
         resp = conn.getresponse()

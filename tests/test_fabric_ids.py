@@ -7,8 +7,6 @@ dropping either check in the fabric fails one of them.
 
 from __future__ import annotations
 
-import http.client
-import socket
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -20,24 +18,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from imagekit.config.profile import ProvisioningProfile
 from imagekit.fabric import Fabric, SocketPaths, VMIdentity
+from tests.unixhttp import UnixHTTPConnection
 
 WIRE_HEADERS = {"x-ms-agent-name": "WALinuxAgent", "x-ms-version": "2012-11-30"}
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=30)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
 def _request(sock: Path, method: str, target: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = _Unix(sock)
+    conn = UnixHTTPConnection(sock)
     try:
         headers = dict(WIRE_HEADERS, **({"Content-Type": "text/xml; charset=utf-8"} if body else {}))
         conn.request(method, target, body=body, headers=headers)
