@@ -911,3 +911,20 @@ def test_fabric_dns_names() -> None:
     reply = fabric.dns_answer(dns.message.make_query("vm-a.internal.cloudapp.net", "A").to_wire())
     assert reply is not None
     assert dns.message.from_wire(reply).answer[0][0].address == "10.0.0.7"
+
+
+def test_a_request_flood_does_not_erase_what_the_agent_fetched_first() -> None:
+    """A guest that sends more requests than are kept must not make the harness forget (and then wrongly
+    report as 'not seen') the goal-state fetch that came before the flood."""
+    from imagekit.fabric.state import MAX_RECORDS, FabricState, RequestRecord, Service
+
+    state = FabricState()
+    state.record_request(RequestRecord(Service.WIRE, "GET", "/machine/?comp=goalstate", 200, 1.0))
+    for i in range(MAX_RECORDS + 50):
+        state.record_request(RequestRecord(Service.WIRE, "GET", "/flood", 404, 2.0 + i))
+    assert all(r.path == "/flood" for r in state.requests())  # the goal-state record left the window
+    assert state.wait_for_request(Service.WIRE, "/machine/?comp=goalstate", timeout=0).path.endswith("goalstate")
+    with pytest.raises(ReadyTimeout) as exc:
+        state.wait_for_ready(timeout=0)
+    seen = str(exc.value).split("seen: ", 1)[1].split("; not seen:")[0]
+    assert "goal state" in seen

@@ -26,6 +26,7 @@ from imagekit.core.errors import ProvisioningError
 from imagekit.fabric.http import escape
 
 MAX_RECORDS = 10_000  # request records (each without body or headers, its path cut to 512 characters)
+MAX_FIRST_PATHS = 4_096  # distinct (service, path) pairs whose first request is kept beyond MAX_RECORDS
 MAX_REPORTS = 1_000
 MAX_DESCRIPTION = 4_096  # characters of one report's description that are kept
 REPORT_BUDGET = 1024 * 1024  # characters of descriptions kept per VM, all reports together
@@ -194,11 +195,17 @@ class FabricState:
         self._telemetry: _Bounded[bytes] = _Bounded(MAX_BODIES, BODY_BUDGET)
         self._status: _Bounded[bytes] = _Bounded(MAX_BODIES, BODY_BUDGET)
         self._request_count = 0
+        # The first request of each distinct path, so a guest that floods past MAX_RECORDS cannot push its
+        # own goal-state fetch out of what the harness waits on and reports.
+        self._first: dict[tuple[Service, str], RequestRecord] = {}
 
     def record_request(self, rec: RequestRecord) -> None:
         with self._cond:
             self._requests.append(rec)
             self._request_count += 1
+            key = (rec.service, rec.path)
+            if key not in self._first and len(self._first) < MAX_FIRST_PATHS:
+                self._first[key] = rec
             self._cond.notify_all()
 
     def record_report(self, report: ReportedState) -> None:
@@ -267,7 +274,7 @@ class FabricState:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for rec in self._requests:
+                for rec in (*self._first.values(), *self._requests):
                     if rec.service is service and rec.path.startswith(path_prefix):
                         return rec
                 remaining = deadline - time.monotonic()
@@ -292,4 +299,5 @@ class FabricState:
         return f"the guest agent did not report Ready within {timeout:g} s: " + self._summary()
 
     def _seen(self, service: Service, prefix: str) -> bool:
-        return any(r.service is service and r.path.startswith(prefix) for r in self._requests)
+        return any(r.service is service and r.path.startswith(prefix)
+                   for r in (*self._first.values(), *self._requests))
