@@ -314,6 +314,7 @@ def build(
 
     from imagekit.build import BuildOptions
     from imagekit.build import build as run_build
+    from imagekit.config import distros
     from imagekit.core.errors import InputError
     from imagekit.core.versions import Version
 
@@ -321,9 +322,10 @@ def build(
         raise InputError("missing required option --distro", hint="see: invoke distros")
     if version:
         Version.parse(version)  # a bad --version fails here, before any work (build() checks it again)
-    result = run_build(distro, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
-                                            skip_scan=skip_scan,
-                                            report_dir=Path(report_dir) if report_dir else None))
+    d = distros.get(distro)
+    result = run_build(d, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
+                                       skip_scan=skip_scan,
+                                       report_dir=Path(report_dir) if report_dir else None))
     stages = result.manifest.get("timings", {}).get("stages", {})
     for name, seconds in stages.items():
         print(f"  {name:45} {seconds:8.1f} s")

@@ -12,6 +12,7 @@ import pytest
 
 from imagekit import capture
 from imagekit.build import BuildOptions, build
+from imagekit.config import distros
 from imagekit.core.errors import BuildError
 from imagekit.gallery import Gallery
 from imagekit.scan import LeakFound
@@ -25,7 +26,7 @@ def _opts(tmp_path: Path, **kw: object) -> BuildOptions:
 
 
 def _assert_built(tmp_path: Path, distro: str, agent: str) -> None:
-    res = build(distro, _opts(tmp_path))
+    res = build(distros.get(distro), _opts(tmp_path))
     g = Gallery(tmp_path / "images")
     assert g.latest(distro).version == res.image.version
     m = json.loads((res.path / "manifest.json").read_text())
@@ -60,7 +61,7 @@ def test_build_debian_12_cloudinit(tmp_path: Path) -> None:
 
 def test_skipped_deprovision_is_caught_by_the_offline_scan(tmp_path: Path) -> None:
     with pytest.raises(LeakFound) as exc:
-        build("debian-12", _opts(tmp_path, skip_deprovision=True))
+        build(distros.get("debian-12"), _opts(tmp_path, skip_deprovision=True))
     text = str(exc.value)
     for leak in ("/var/lib/waagent/provisioned", "/var/lib/waagent/ovf-env.xml", "/etc/ssh/ssh_host_",
                  "/home/ikb"):
@@ -73,7 +74,7 @@ def test_skipped_deprovision_is_caught_by_the_verify_boot(tmp_path: Path) -> Non
     """With the scan bypassed too, the new VM must fail to provision: waagent finds its old provisioned
     marker, only notes the new VM id, reports Ready without provisioning and never creates the new user."""
     with pytest.raises(BuildError, match="did not provision again") as exc:
-        build("debian-12", _opts(tmp_path, skip_deprovision=True, skip_scan=True))
+        build(distros.get("debian-12"), _opts(tmp_path, skip_deprovision=True, skip_scan=True))
     text = str(exc.value)
     # waagent said Ready without its 'NotReady (Provisioning)' report: the old marker short-circuited
     # provisioning, so the new user was never created — caught without waiting for SSH to time out
