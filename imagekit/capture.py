@@ -25,7 +25,7 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,7 +305,7 @@ def _artifact(path: Path, fmt: str, virtual_size: int, sha: str) -> Artifact:
 
 
 def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, compare: bool = True,
-            vhd_ready: Any = None) -> list[Artifact]:
+            vhd_ready: Callable[[Path], object] | None = None) -> list[Artifact]:
     """Capture ``source`` into ``out_dir`` as ``disk.vhd`` and ``disk.qcow2``; verified and hashed.
 
     ``compare`` checks both artifacts' content against the source with ``qemu-img compare`` (sparse-aware,
