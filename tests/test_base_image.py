@@ -212,7 +212,7 @@ def test_a_disk_that_fills_up_mid_build_leaves_no_entry_and_nothing_mounted(tmpf
 
 def test_ctrl_c_during_the_bootstrap_leaves_nothing_behind(tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from imagekit.base import ensure_base; "
-            "from imagekit import distros; ensure_base(distros.get('debian-13'), cache=Path(sys.argv[1]))")
+            "from imagekit.config import distros; ensure_base(distros.get('debian-13'), cache=Path(sys.argv[1]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ddir = tmp_path / "base" / "debian-13"
