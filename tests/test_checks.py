@@ -459,3 +459,16 @@ def test_cloud_init_24_unit_names_and_the_dhcp_artefact_pass_with_a_note() -> No
     assert catalogue()["standard.services-enabled"].run(ctx).status is Status.PASS
     log = catalogue()["standard.cloud-init-log"].run(ctx)
     assert log.status is Status.PASS and "1 line(s) excused" in log.summary and "option 121/245" in log.summary
+
+
+def test_the_closing_marker_may_follow_a_last_line_without_newline() -> None:
+    """A probe that cats a file with no final newline (waagent's ovf-env.xml copy) prints the marker on the
+    same line; that probe ran to its end. A marker missing altogether is still a failed probe."""
+    from imagekit.checks.registry import PROBE_OK, ProbeFailed
+
+    cmd = "cat -- /var/lib/waagent/ovf-env.xml && echo " + PROBE_OK
+    ctx, _ = make_ctx(answers={cmd: "<Environment/>" + PROBE_OK + "\n"})
+    assert ctx.probe(cmd, marker=True).stdout == "<Environment/>\n"
+    ctx, _ = make_ctx(answers={cmd: "<Environment/>\n"})
+    with pytest.raises(ProbeFailed, match="closing marker is missing"):
+        ctx.probe(cmd, marker=True)

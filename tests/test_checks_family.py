@@ -188,6 +188,20 @@ def test_persistent_net_rules_fail(tmp_path: Path, path: str) -> None:
     assert st is Status.FAIL and path in summary
 
 
+def test_a_rule_for_this_vms_own_nic_passes_and_one_for_another_mac_fails(tmp_path: Path) -> None:
+    """cloud-init's ifupdown renderer writes 70-persistent-net.rules for the NIC it provisioned: that names
+    the VM's own MAC (and is removed before capture). A rule for any other MAC came from another VM."""
+    rules = "/etc/udev/rules.d/70-persistent-net.rules"
+    put(tmp_path, "/sys/class/net/eth0/address", "52:54:00:ab:cd:ef\n")
+    put(tmp_path, rules, 'SUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="52:54:00:AB:CD:EF", '
+        'NAME="eth0"\n')
+    st, summary, _ = run_check("standard.no-persistent-net-rules", tmp_path)
+    assert st is Status.PASS and "own NIC" in summary and "52:54:00:ab:cd:ef" in summary, summary
+    put(tmp_path, rules, 'SUBSYSTEM=="net", ACTION=="add", ATTR{address}=="00:0d:3a:11:22:33", NAME="eth0"\n')
+    st, summary, _ = run_check("standard.no-persistent-net-rules", tmp_path)
+    assert st is Status.FAIL and rules in summary, summary
+
+
 def test_no_persistent_net_rules_pass(tmp_path: Path) -> None:
     put(tmp_path, "/etc/udev/rules.d/60-other.rules", "# unrelated\n")
     st, summary, _ = run_check("standard.no-persistent-net-rules", tmp_path)

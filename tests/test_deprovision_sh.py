@@ -27,7 +27,8 @@ EXPECTED_CLAIMS = ["/var/lib/waagent is gone", "/var/log/waagent.log is gone", "
                    f"no sudoers rule names {USER}", "sudoers still parses",
                    f"root's authorized_keys does not name {USER}",
                    f"no account-file backup names {USER}", "the lease clean-up unit is active",
-                   "no shell history under /root", "/etc/machine-id is empty", f"no file under /var/log names {USER}"]
+                   "no persistent network rules in /etc/udev/rules.d", "no shell history under /root",
+                   "/etc/machine-id is empty", f"no file under /var/log names {USER}"]
 REPLACED = ("/etc/ssh", "/etc/sudoers.d", "/var/lib/waagent", "/var/lib/dhcp", "/var/log")
 
 
@@ -61,6 +62,8 @@ def dirty(root: Path) -> FakeRoot:
     f.write("/var/lib/waagent/ovf-env.xml", "<Environment/>")
     f.write("/var/log/waagent.log", "INFO started\n")
     f.write("/root/.bash_history", "ls\n")
+    f.write("/etc/udev/rules.d/70-persistent-net.rules",
+            'SUBSYSTEM=="net", ACTION=="add", ATTR{address}=="52:54:00:12:34:56", NAME="eth0"\n')
     f.write("/var/lib/dhcp/dhclient.eth0.leases", "lease {}\n")
     f.write("/etc/ssh/ssh_host_ed25519_key", "KEY", 0o600)
     f.write("/etc/passwd", f"root:x:0:0:root:/root:/bin/bash\n{USER}:x:1000:1000::/home/{USER}:/bin/bash\n")

@@ -176,11 +176,14 @@ class CheckContext:
                                                  if allowed != (0,) else "")
             raise ProbeFailed(why, command, res)
         if marker:
-            lines = res.stdout.rstrip("\n").split("\n")
-            if lines[-1].strip() != PROBE_OK:
+            # The marker is echoed last; it follows the output directly when that output (a file that
+            # does not end in a newline) left the line open.
+            text = res.stdout.rstrip("\n")
+            if not text.rstrip().endswith(PROBE_OK):
                 raise ProbeFailed("did not run to its end (its closing marker is missing): a part of it "
                                   "failed or its output was cut", command, res)
-            res = CommandResult(res.command, res.returncode, "\n".join(lines[:-1]) + ("\n" if lines[:-1] else ""),
+            body = text.rstrip()[: -len(PROBE_OK)]
+            res = CommandResult(res.command, res.returncode, body if not body or body.endswith("\n") else body + "\n",
                                 res.stderr)
         elif output and res.returncode == 0 and not res.stdout.strip():
             raise ProbeFailed("printed nothing, where output is needed to judge", command, res)

@@ -214,6 +214,14 @@ def plan(distro: Distro, username: str) -> list[Step]:
              "rm -rf /var/lib/dhcp/* /var/lib/dhclient/*",
              "imagekit",
              (Claim("the lease clean-up unit is active", "systemctl is-active -q ik-generalize-leases.service"),)),
+        Step("remove persistent network rules",
+             # cloud-init's ifupdown renderer pins eth0 to this VM's MAC in 70-persistent-net.rules at
+             # provisioning; a VM made from the image has another MAC (Azure's SUSE guide: remove both files)
+             "rm -f /etc/udev/rules.d/70-persistent-net.rules /etc/udev/rules.d/85-persistent-net-cloud-init.rules",
+             "imagekit",
+             (Claim("no persistent network rules in /etc/udev/rules.d",
+                    _none_exist("/etc/udev/rules.d/70-persistent-net.rules "
+                                "/etc/udev/rules.d/85-persistent-net-cloud-init.rules")),)),
         Step("remove shell histories",
              "rm -f /root/.*_history /root/.lesshst /root/.viminfo",
              "imagekit",

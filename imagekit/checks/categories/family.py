@@ -82,8 +82,11 @@ PERSISTENT_NET_RULES = (
 )
 NET_RULES_PROBE = (
     _R + f"for f in {' '.join(PERSISTENT_NET_RULES)}; do "
-    'if [ -e "$r$f" ] || [ -L "$r$f" ]; then echo "present $f $(wc -c < "$r$f" 2>/dev/null || echo ?) bytes"; fi; '
-    f"done; echo {PROBE_OK}"
+    'if [ -e "$r$f" ] || [ -L "$r$f" ]; then echo "present $f $(wc -c < "$r$f" 2>/dev/null || echo ?) bytes"; '
+    "grep -o 'ATTR{address}==\"[^\"]*\"' \"$r$f\" 2>/dev/null | sed \"s|^|mac-rule $f |\"; fi; "
+    'done; for n in "$r"/sys/class/net/*; do [ -f "$n/address" ] || continue; '
+    'echo "nic ${n##*/} $(cat "$n/address")"; done; '
+    f"echo {PROBE_OK}"
 )
 
 SUDOERS_PROBE = (
@@ -238,9 +241,23 @@ def hv_kvp_daemon(ctx: CheckContext) -> CheckResult:
 def no_persistent_net_rules(ctx: CheckContext) -> CheckResult:
     lines, res = _probe(ctx, NET_RULES_PROBE)
     present = [ln.split()[1] for ln in lines if ln.startswith("present ")]
-    if present:
-        return failed("persistent network rules present: " + ", ".join(present), res)
-    return passed(f"none of the {len(PERSISTENT_NET_RULES)} persistent-net rule paths exists", res)
+    if not present:
+        return passed(f"none of the {len(PERSISTENT_NET_RULES)} persistent-net rule paths exists", res)
+    nics = {ln.split()[2].lower() for ln in lines if ln.startswith("nic ") and len(ln.split()) == 3}
+    rule_macs: dict[str, set[str]] = {f: set() for f in present}
+    for ln in lines:
+        parts = ln.split()
+        if ln.startswith("mac-rule ") and len(parts) == 3 and parts[1] in rule_macs:
+            rule_macs[parts[1]].add(parts[2].split("==", 1)[1].strip('"').lower())
+    # A rule file written at this boot (cloud-init's ifupdown renderer writes 70-persistent-net.rules at
+    # provisioning) names only this VM's own NICs: no rename can follow from it here, and the generalize
+    # step removes it before capture. Anything else would pin a name to a MAC the next VM will not have.
+    own = [f for f in present if not f.endswith("generator.rules") and rule_macs[f] and rule_macs[f] <= nics]
+    stale = [f for f in present if f not in own]
+    if stale:
+        return failed("persistent network rules present: " + ", ".join(stale), res)
+    return passed(f"only rules for this VM's own NIC(s) ({', '.join(own)}: {', '.join(sorted(nics))}), written "
+                  "at provisioning; removed by the generalize step before capture", res)
 
 
 # --- sudo targetpw ------------------------------------------------------------------------------------------
