@@ -11,6 +11,7 @@ failure report) is kept whatever is dropped.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -274,7 +275,7 @@ class FabricState:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for rec in (*self._first.values(), *self._requests):
+                for rec in itertools.chain(self._first.values(), self._requests):
                     if rec.service is service and rec.path.startswith(path_prefix):
                         return rec
                 remaining = deadline - time.monotonic()
@@ -300,4 +301,4 @@ class FabricState:
 
     def _seen(self, service: Service, prefix: str) -> bool:
         return any(r.service is service and r.path.startswith(prefix)
-                   for r in (*self._first.values(), *self._requests))
+                   for r in itertools.chain(self._first.values(), self._requests))
