@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # imagekit's one entry point. It sets up what is missing, then runs what you asked for:
 #   ./ik build [--distro D]   set up, then run the main job (`invoke build`)
-#   ./ik test [PYTEST ARGS]   set up, then run the whole test suite (ruff, mypy, unit and VM tests)
+#   ./ik test [PYTEST ARGS]   set up, then run the whole test suite (ruff, mypy, the fast lane, then the
+#                             VM lane side by side); with PYTEST ARGS, ruff, mypy and pytest with those
 #   ./ik setup                only set up: host packages (apt-get, as root) and the Python env (.venv)
 #   ./ik TASK [ARGS]          set up, then run any invoke task (./ik --list shows them)
 # Set-up that is already done is not redone: host packages are checked with dpkg-query, the virtual
@@ -76,8 +77,21 @@ case "$cmd" in
     export PATH="$here/.venv/bin:$PATH"
     echo "== ruff" && ruff check imagekit tests tasks.py
     echo "== mypy" && mypy
-    echo "== pytest"
-    exec pytest "$@"
+    if [ $# -gt 0 ]; then
+      echo "== pytest $*"
+      exec pytest "$@"
+    fi
+    # The whole suite: the fast lane first, then the VM lane with its tests side by side, one per core
+    # (each TCG guest keeps one core busy). IMAGEKIT_VM_WORKERS sets that number; 0 runs them one at a time.
+    workers=${IMAGEKIT_VM_WORKERS:-$(nproc)}
+    [ "$workers" -gt 4 ] && workers=4
+    [ "$workers" -eq 1 ] && workers=0
+    status=0
+    echo "== pytest: the fast lane (-m 'not vm')"
+    pytest -m 'not vm' || status=$?
+    echo "== pytest: the VM lane (-m vm), $( [ "$workers" -eq 0 ] && echo "one test at a time" || echo "$workers side by side")"
+    pytest -m vm -n "$workers" --dist loadgroup --no-loadscope-reorder || status=$?
+    exit "$status"
     ;;
   "" | -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)

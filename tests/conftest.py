@@ -70,3 +70,40 @@ def sockdir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- running the VM lane side by side (pytest-xdist, --dist loadgroup) ---------------------------------------
+
+# The VM lane's modules, longest-running first: xdist hands work out in collection order, so the long
+# builds start at once on separate workers and the short tests fill in around them at the end.
+VM_LANE_ORDER = ("test_build_vm", "test_provision_vm", "test_base_image", "test_base_download",
+                 "test_capture", "test_vm")
+
+
+def _module_scoped_params(item: pytest.Item) -> list[str]:
+    """``fixture[param]`` for each module- or wider-scoped parametrized fixture the item uses: tests that share
+    one such fixture value must run on the same worker, or each worker would set it up (boot a VM) again."""
+    callspec = getattr(item, "callspec", None)
+    info = getattr(item, "_fixtureinfo", None)
+    if callspec is None or info is None:
+        return []
+    out = []
+    for name, value in callspec.params.items():
+        defs = info.name2fixturedefs.get(name)
+        if defs and defs[-1].scope in ("module", "package", "session"):
+            out.append(f"{name}[{value}]")
+    return out
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = _module_scoped_params(item)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ + ":" + ",".join(shared)))  # type: ignore[attr-defined]
+
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
+        return VM_LANE_ORDER.index(name) if name in VM_LANE_ORDER else len(VM_LANE_ORDER)
+
+    items.sort(key=rank)  # stable: the order inside a module stays as pytest made it

@@ -1,6 +1,6 @@
 """Every check passes on a correctly built guest and fails — with evidence that says why — on a guest that is
 wrong in the way the check guards against. The guest is a test double (tests/guest_double.py) answering
-each command with the output the real tools print; the VM tests (test_checks_vm.py) run the same checks
+each command with the output the real tools print; the VM tests (test_provision_vm.py) run the same checks
 against real guests."""
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
-"""Provisioning on the local platform, end to end: the image's own agent against the emulated fabric.
+"""Provisioning on the local platform, end to end: the image's own agent against the emulated fabric, and
+the checks against the real guests it provisions.
 
-One provisioned VM per configuration (module-scoped, one at a time) serves several assertions. The
-fault tests each boot their own VM: an OVF the agent rejects, QEMU killed mid-run, SSH that never
-comes up.
+One provisioned VM per configuration (module-scoped) serves all the assertions about it: first those that
+only look (Ready, SSH, what the guest sees and reaches), then the checks — each agent's own resource-disk
+code runs (waagent through the /run shim, cloud-init through CustomData), the resource-disk, swap and
+provisioning checks pass for real, faults made on purpose in the throwaway VM are caught, and the undo leaves
+nothing of the set-up outside /run. The fault tests each boot their own VM: an OVF the agent rejects, QEMU
+killed mid-run, SSH that never comes up.
 """
 
 from __future__ import annotations
@@ -21,15 +25,30 @@ from pathlib import Path
 
 import pytest
 
+from imagekit.checkrun import CheckOutcome, check_provisioned
+from imagekit.checks import (
+    CheckContext,
+    Status,
+    activate_resource_disk,
+    catalogue,
+    plan_for,
+    resource_disk_custom_data,
+    summary_table,
+    undo_test_setup,
+)
 from imagekit.config import distros
+from imagekit.config.distros import Agent, Distro
+from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.errors import ProvisioningError, VMError
 from imagekit.core.paths import cache_dir
 from imagekit.provision.launch import ProvisionedVM, provision
+from imagekit.provision.resource_setup import RESOURCE_DISK, SHIM_DIR
 from imagekit.vm import kept
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
 CONFIGS = ["debian-12", "debian-13", "debian-12-cloudinit", "debian-13-cloudinit"]
+CI_SWAP_PERCENT = 33  # cloud-init's swap partition: a third of the resource disk
 
 # Runs in the guest (python3 is in every image): what it can reach, as JSON.
 GUEST_PROBE = r'''
@@ -85,10 +104,26 @@ def _leftovers(name: str) -> list[str]:
     return found
 
 
+PASSWORD = "Ik-Check-Passw0rd!"
+
+
+def _profile(d: Distro) -> ProvisioningProfile | None:
+    """waagent: the default profile, no OVF password (with one, waagent's sudoers asks for it and the
+    harness's ``sudo -n`` cannot run as root). cloud-init: an OVF password with password login enabled
+    (its sudo rule stays NOPASSWD, and the OVF copy it leaves must have the password redacted), and the
+    resource disk and a swap partition through CustomData."""
+    if d.agent is not Agent.CLOUD_INIT:
+        return None
+    return ProvisioningProfile.create(hostname=f"ik-{d.id.split('-')[1]}ci", username="azureuser",
+                                      password=PASSWORD, disable_password_auth=False,
+                                      custom_data=resource_disk_custom_data(d, swap_percent=CI_SWAP_PERCENT))
+
+
 @pytest.fixture(scope="module", params=CONFIGS)
 def pvm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProvisionedVM]:
+    d = distros.get(request.param)
     workdir = tmp_path_factory.mktemp("prov")
-    with provision(distros.get(request.param), workdir=workdir) as p:
+    with provision(d, workdir=workdir, profile=_profile(d)) as p:
         yield p
     assert not p.private_key.exists(), "the throwaway private key outlived the VM"
     assert _leftovers(p.vm.name) == []
@@ -135,6 +170,131 @@ def test_guest_reaches_the_emulator_and_nothing_else(pvm: ProvisionedVM, host_li
     assert out["host_service_via_host_ip"] != "connected"
     # Azure's DNS resolves the VM's own name; so does the emulator's.
     assert out["own_name"] == "168.63.129.100"
+
+
+# --- the checks, on the same VMs (each of these changes its VM, so it comes after the tests above) ------
+
+MUST_PASS = (
+    "resource-disk.mounted", "swap.resource-disk", "swap.not-on-os-disk",
+    "provisioning.user", "provisioning.password-auth", "provisioning.sudo", "provisioning.marker",
+    "provisioning.ovf-redacted", "provisioning.ready-reported", "provisioning.agent-running",
+)
+
+
+def _by_id(outcome: CheckOutcome) -> dict[str, tuple[Status, str, str]]:
+    print(summary_table(outcome.runs, colour=False))
+    return {r.check.id: (r.result.status, r.result.summary, r.result.evidence) for r in outcome.runs}
+
+
+def _assert_passed(results: dict[str, tuple[Status, str, str]], ids: tuple[str, ...]) -> None:
+    bad = {cid: (results[cid][1], results[cid][2][-1500:]) for cid in ids if results[cid][0] is not Status.PASS}
+    assert bad == {}
+    crashed = {cid: r[1] for cid, r in results.items() if r[0] is Status.ERROR}
+    assert crashed == {}
+
+
+def _assert_reports(outcome: CheckOutcome) -> None:
+    for p in outcome.reports.values():
+        assert p.stat().st_size > 0
+        assert PASSWORD not in p.read_text()
+
+
+@pytest.mark.parametrize("pvm", ["debian-12"], indirect=True)
+def test_debian12_waagent_resource_disk_swap_file_and_provisioning(pvm: ProvisionedVM, tmp_path: Path) -> None:
+    d = pvm.distro
+    # The same VM as the tests above: this test changes it, so it runs last for its configuration.
+    outcome = check_provisioned(pvm, report_dir=tmp_path / "report")
+    results = _by_id(outcome)
+    _assert_passed(results, (*MUST_PASS, "resource-disk.readme"))
+    assert "swapfile of 256 MiB is active" in results["swap.resource-disk"][1]
+    assert "VMBus" in results["resource-disk.mounted"][2] and "bypassed" in results["resource-disk.mounted"][2]
+    # waagent's own resource-disk code ran (its log lines), against the shim's answer.
+    log = pvm.guest.run("grep -E 'imagekit test shim|Resource disk|Enabled .*swap' /var/log/waagent.log")
+    assert "imagekit test shim: device_for_ide_port(1) -> sd" in log.stdout
+    assert "is mounted at /mnt/resource with ext4" in log.stdout
+    assert "no UserPassword element" in results["provisioning.ovf-redacted"][1]
+
+    # Wrong on purpose, in this throwaway VM: a swap size larger than the 2 GiB resource disk. The agent
+    # runs again (its own code) and the swap check must fail, with the agent's own log as evidence.
+    changed = pvm.guest.run("sed -i 's/^ResourceDisk.SwapSizeMB=.*/ResourceDisk.SwapSizeMB=4096/' "
+                            "/etc/waagent.conf && swapoff /mnt/resource/swapfile")
+    assert changed.ok, changed.evidence()
+    activate_resource_disk(pvm.guest, plan_for(d), timeout=600)
+    ctx = CheckContext(guest=pvm.guest, distro=d, profile=pvm.profile, plan=plan_for(d))
+    big = catalogue()["swap.resource-disk"].run(ctx)
+    print(big.summary, big.evidence, sep="\n")
+    assert big.status is Status.FAIL
+    assert "SwapSizeMB=4096 does not fit on the resource disk (2048 MiB)" in big.summary
+    assert "ResourceDisk.SwapSizeMB=4096" in big.evidence and "dd unsuccessful" in big.evidence
+
+    # More ways to get an image wrong, made for real in this throwaway VM; each check must catch its own.
+    def broken(setup: str, check_id: str) -> tuple[Status, str, str]:
+        res = pvm.guest.run(setup)
+        assert res.ok, res.evidence()
+        r = catalogue()[check_id].run(CheckContext(guest=pvm.guest, distro=d, profile=pvm.profile))
+        print(check_id, r.summary, sep=": ")
+        return r.status, r.summary, r.evidence
+
+    st, summary, ev = broken("dd if=/dev/zero of=/os-swap bs=1M count=32 status=none && chmod 600 /os-swap "
+                             "&& mkswap /os-swap >/dev/null && swapon /os-swap", "swap.not-on-os-disk")
+    assert st is Status.FAIL and "active swap /os-swap (file) is on the OS disk /dev/sda" in summary, ev
+    pvm.guest.run("swapoff /os-swap; rm -f /os-swap")
+    st, summary, ev = broken(
+        "useradd -m -p \"$(openssl passwd -6 leftover-pw)\" leftover && mkdir -p /home/leftover/.ssh && "
+        "echo 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEu0leftoverkeyleftoverkeyleftoverkeyleft x@build' "
+        "> /home/leftover/.ssh/authorized_keys", "standard.no-preexisting-users")
+    assert st is Status.FAIL and "user leftover (uid=" in summary and "leftover has a password" in summary
+    assert "leftover has SSH keys" in summary and "leftover-pw" not in ev and "$6$" not in ev
+    st, summary, ev = broken("grep -rlis '^ *ClientAliveInterval' /etc/ssh/sshd_config /etc/ssh/sshd_config.d "
+                             "| xargs -r sed -i '/^ *[Cc]lient[Aa]live[Ii]nterval/d'",
+                             "standard.client-alive-interval")
+    assert st is Status.FAIL and "ClientAliveInterval is 0 (0 means unset)" in summary, ev
+    assert "no ClientAliveInterval line" in ev
+
+    done = undo_test_setup(pvm.guest, d)
+    state = pvm.guest.run(f"ls {SHIM_DIR}; ls /run/systemd/system/walinuxagent.service.d; cat /proc/swaps; "
+                          "findmnt -n /mnt/resource; cat /etc/fstab")
+    assert "swapoff /mnt/resource/swapfile" in done
+    assert "/mnt/resource/swapfile" not in state.stdout
+    assert "No such file" in state.stderr and "imagekit" not in state.stdout
+    assert RESOURCE_DISK not in state.stdout
+    _assert_reports(outcome)
+
+
+@pytest.mark.parametrize("pvm", ["debian-12-cloudinit", "debian-13-cloudinit"], indirect=True)
+def test_cloudinit_resource_disk_and_swap_partition(pvm: ProvisionedVM, tmp_path: Path) -> None:
+    """cloud-init 22.4 (Debian 12) and 25.1 (Debian 13), provisioned with an OVF password (see _profile)."""
+    d = pvm.distro
+    plan = plan_for(d, swap_percent=CI_SWAP_PERCENT)
+    # The same VM as the tests above: this test changes it, so it runs last for its configuration.
+    outcome = check_provisioned(pvm, plan=plan, report_dir=tmp_path / "report")
+    results = _by_id(outcome)
+    _assert_passed(results, MUST_PASS)
+    assert "redacted as 'REDACTED'" in results["provisioning.ovf-redacted"][1]
+    assert "PasswordAuthentication yes, as the OVF asks" in results["provisioning.password-auth"][1]
+    assert results["resource-disk.readme"][0] is Status.SKIP
+    assert "swap partition" in results["swap.resource-disk"][1]
+    assert "device_aliases" in results["resource-disk.mounted"][2]
+    before = pvm.guest.run("grep -c comment=cloudconfig /etc/fstab")
+    assert int(before.stdout.strip() or 0) >= 2  # cloud-init wrote the mount and the swap line
+    done = undo_test_setup(pvm.guest, d, plan)
+    after = pvm.guest.run(f"grep -F {RESOURCE_DISK} /etc/fstab; cat /proc/swaps; findmnt -n /mnt")
+    assert RESOURCE_DISK not in after.stdout and "partition" not in after.stdout
+    assert any("removed from /etc/fstab" in x for x in done)
+    _assert_reports(outcome)
+
+
+@pytest.mark.parametrize("pvm", ["debian-13"], indirect=True)
+def test_debian13_waagent_swap_disabled(pvm: ProvisionedVM, tmp_path: Path) -> None:
+    d = pvm.distro
+    assert not d.swap_enabled
+    # The same VM as the tests above: this test changes it, so it runs last for its configuration.
+    outcome = check_provisioned(pvm, report_dir=tmp_path / "report")
+    results = _by_id(outcome)
+    _assert_passed(results, (*MUST_PASS, "resource-disk.readme"))
+    assert "swap disabled" in results["swap.resource-disk"][1]
+    undo_test_setup(pvm.guest, d)
+    _assert_reports(outcome)
 
 
 # --- faults -------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from imagekit.config.distros import Agent, Distro
 from imagekit.config.profile import ProvisioningProfile
-from imagekit.core.errors import ProvisioningError
+from imagekit.core.errors import ProvisioningError, VMError
 from imagekit.core.log import Timings
 from imagekit.core.paths import cache_dir
 from imagekit.core.run import run
@@ -208,12 +208,25 @@ def _wait_provisioned(vm: VM, fabric: Fabric, distro: Distro, timeout: float) ->
     return ready
 
 
-def _host_key_policy(vm: VM, distro: Distro, ssh_timeout: float) -> HostKeyPolicy:
+_MIN_CONNECT_SECONDS = 10.0  # SSH gets at least this long once the host keys are in, however late they came
+
+
+def _host_key_policy(vm: VM, distro: Distro, media: _Media, ssh_timeout: float) -> HostKeyPolicy:
     if distro.agent is not Agent.CLOUD_INIT:
         return HostKeyPolicy()
     # cloud-init prints the host keys late (final stage), after creating the user: waiting for them is also
     # waiting for the user, and lets the first login check the host key.
-    vm.wait_console(_KEYS_ON_CONSOLE, timeout=ssh_timeout, what="cloud-init's SSH host keys on the serial console")
+    try:
+        vm.wait_console(_KEYS_ON_CONSOLE, timeout=ssh_timeout,
+                        what="cloud-init's SSH host keys on the serial console")
+    except VMError as exc:
+        if not vm.running():
+            raise
+        raise ProvisioningError(
+            f"VM {vm.name}: SSH login as {media.profile.username} did not succeed within {ssh_timeout:.0f} s: "
+            "cloud-init's SSH host keys never appeared on the serial console (its final stage did not finish, "
+            "or keys_to_console is off)", console_tail=vm.console_tail(),
+            hint=f"full console log: {vm.console_log}") from exc
     vm.mark("host keys on console")
 
     def reported() -> ReportedHostKeys:
@@ -223,17 +236,20 @@ def _host_key_policy(vm: VM, distro: Distro, ssh_timeout: float) -> HostKeyPolic
 
 
 def _login(vm: VM, distro: Distro, media: _Media, ssh_timeout: float) -> tuple[SSHGuest, HostKeyPolicy]:
-    """Post-launch: log in over SSH as the provisioned user with the throwaway key."""
-    policy = _host_key_policy(vm, distro, ssh_timeout)
+    """Post-launch: log in over SSH as the provisioned user with the throwaway key. ``ssh_timeout`` bounds the
+    whole phase: waiting for cloud-init's host keys and the login itself."""
+    deadline = time.monotonic() + ssh_timeout
+    policy = _host_key_policy(vm, distro, media, ssh_timeout)
     if vm.ssh_socket is None:
         raise ProvisioningError(f"VM {vm.name}: no SSH socket (the VM did not start its SSH relay)")
     guest = SSHGuest(vm.ssh_socket, media.profile.username, load_private_key(media.key_path), policy=policy,
                      name=vm.name, sudo_password=media.profile.password)
     try:
-        guest.connect(ssh_timeout, alive=vm.check)
+        guest.connect(max(deadline - time.monotonic(), _MIN_CONNECT_SECONDS), alive=vm.check)
     except SSHTimeout as exc:
-        raise ProvisioningError(f"VM {vm.name}: {exc.message}", console_tail=vm.console_tail(),
-                                hint=f"full console log: {vm.console_log}") from exc
+        raise ProvisioningError(
+            f"VM {vm.name}: SSH login as {media.profile.username} did not succeed within {ssh_timeout:.0f} s "
+            f"({exc.message})", console_tail=vm.console_tail(), hint=f"full console log: {vm.console_log}") from exc
     vm.mark("ssh ready")
     return guest, policy
 
