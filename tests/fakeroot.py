@@ -1,4 +1,4 @@
-"""A guest whose shell is real: each command runs with ``/bin/sh -c`` (dash, as on Debian) — the very string
+"""A guest whose shell is real: each command runs with ``sh -c`` (/bin/sh: dash, as on Debian) — the very string
 the SSH connection sends — in a private mount namespace where a planted file tree stands in for the guest's
 files. Not a VM: the kernel, systemd and the block devices are the host's, so tools that report on those
 (lsblk, systemctl, sshd -T, modprobe) are planted as small scripts that print what the real tool prints.
@@ -98,7 +98,7 @@ class FakeRootGuest:
         lines.append(f"export PATH={shlex.quote(str(r / '.bin'))}:/usr/sbin:/usr/bin:/sbin:/bin")
         lines.append("set +e")
         run_as = (f"setpriv --reuid={self.uid} --regid={self.uid} --clear-groups " if self.uid is not None else "")
-        lines.append(f'exec {run_as}/bin/sh -c "$1"')
+        lines.append(f'exec {run_as}sh -c "$1"')  # as SSHGuest.run sends it: ``sh -c`` ($0 is "sh")
         return "\n".join(lines)
 
     def run(self, command: str, *, sudo: bool = True, timeout: float = 120.0) -> CommandResult:

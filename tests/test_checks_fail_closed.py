@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from imagekit.checks import Check, CheckContext, HealthReport, RecordedFabric, Status, catalogue, plan_for
+from imagekit.checks import Check, CheckContext, HealthReport, RecordedFabric, Status, catalogue, plan_for, run_checks
 from imagekit.checks.registry import PROBE_OK, ProbeFailed
 from imagekit.config import distros
 from imagekit.config.profile import ProvisioningProfile
@@ -38,6 +38,7 @@ class FailingGuest:
     stderr: str = ""
     timeout: bool = False
     calls: list[str] = field(default_factory=list)
+    runs_batches: bool = False  # True: the checks' probes come as batch scripts first (which fail the same way)
 
     def run(self, command: str, *, sudo: bool = True, timeout: float = 120.0) -> CommandResult:
         self.calls.append(command)
@@ -69,15 +70,17 @@ def _distro_for(c: Check) -> distros.Distro:
 CHECKS = sorted(catalogue())
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "batched"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("check_id", CHECKS)
-def test_a_failing_probe_makes_every_check_an_error(check_id: str, mode: str) -> None:
+def test_a_failing_probe_makes_every_check_an_error(check_id: str, mode: str, batched: bool) -> None:
     c = catalogue()[check_id]
     d = _distro_for(c)
     make, stderr_text = MODES[mode]
     guest = make()
+    guest.runs_batches = batched
     ctx = CheckContext(guest=guest, distro=d, profile=PROFILE, fabric=READY, plan=plan_for(d))
-    result = c.run(ctx)
+    result = run_checks(ctx, [c])[0].result if batched else c.run(ctx)
     if not guest.calls:
         assert check_id in FABRIC_ONLY, f"{check_id} ran no guest command: name it in FABRIC_ONLY if that is right"
         return

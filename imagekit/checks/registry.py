@@ -18,6 +18,12 @@ failed" never look alike.
 Checks talk to the guest only through :class:`~imagekit.vm.guest.Guest`, so the unit tests drive them with
 a test double and the VM tests with the real SSH connection. Commands are cached per context: several
 checks reading ``sshd -T`` or ``/proc/swaps`` see the same output and the guest runs it once.
+
+Probes are batched: :func:`imagekit.checks.runner.run_checks` first runs every check in a collecting pass,
+where the first probe a check asks for that has no answer yet is noted and the check is put off
+(:class:`Deferred`); the noted probes then run in one guest round trip (:func:`imagekit.vm.guest.run_many`)
+and the put-off checks run again, as often as their probes depend on earlier answers. A check's result and
+evidence are the ones it would have had with its probes run one by one.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from imagekit.config.distros import Agent, Distro, Family
 from imagekit.config.profile import ProvisioningProfile
 from imagekit.core.errors import ImagekitError
 from imagekit.provision.resource_setup import ResourceDiskPlan
-from imagekit.vm.guest import CommandResult, Guest
+from imagekit.vm.guest import Command, CommandResult, Guest, run_many
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,11 @@ _TAIL_LINES = 15
 def _tail(text: str, lines: int = _TAIL_LINES, chars: int = 1500) -> str:
     out = "\n".join(text.rstrip().splitlines()[-lines:])
     return out if len(out) <= chars else "…" + out[-chars:]
+
+
+class Deferred(BaseException):
+    """Raised in a collecting pass when a check asks for a probe with no answer yet; the check runs again
+    once the batch has run. A BaseException, so a check's own ``except Exception`` cannot swallow it."""
 
 
 class ProbeFailed(Exception):
@@ -144,6 +155,12 @@ class CheckContext:
     plan: ResourceDiskPlan | None = None  # None: derived from the distro (resource_setup.plan_for)
     facts: dict[str, Any] = field(default_factory=dict)
     _cache: dict[tuple[str, bool], CommandResult] = field(default_factory=dict, repr=False)
+    # A collecting pass (see run_checks): the probes asked for, as (command, cache it).
+    _collect: list[tuple[Command, bool]] | None = field(default=None, repr=False)
+    # Batched answers of uncached probes (e.g. a file that may hold a password): each is handed out once.
+    _once: dict[tuple[str, bool], CommandResult] = field(default_factory=dict, repr=False)
+    # Probes whose batched run raised: they run on their own, so the error is their own.
+    _direct: set[tuple[str, bool]] = field(default_factory=set, repr=False)
 
     def run(self, command: str, *, sudo: bool = True, timeout: float = 120.0) -> CommandResult:
         """Run ``command`` in the guest once per context; later calls return the same result.
@@ -151,8 +168,31 @@ class CheckContext:
         Not judged: for evidence only. A check decides on :meth:`probe` results."""
         key = (command, sudo)
         if key not in self._cache:
+            self._defer(Command(command, sudo, timeout), cache=True)
             self._cache[key] = self.guest.run(command, sudo=sudo, timeout=timeout)
         return self._cache[key]
+
+    def _defer(self, command: Command, *, cache: bool) -> None:
+        if self._collect is not None and (command.command, command.sudo) not in self._direct:
+            self._collect.append((command, cache))
+            raise Deferred
+
+    def prefetch(self, wanted: Sequence[tuple[Command, bool]]) -> int:
+        """Run the probes a collecting pass asked for, in as few guest round trips as the guest allows, and
+        keep their answers for the checks' next pass; returns how many ran."""
+        unique: dict[tuple[str, bool], tuple[Command, bool]] = {}
+        for c, cache in wanted:
+            unique.setdefault((c.command, c.sudo), (c, cache))
+        todo = list(unique.values())
+        for (c, cache), res in zip(todo, run_many(self.guest, [c for c, _ in todo]), strict=True):
+            key = (c.command, c.sudo)
+            if isinstance(res, Exception):
+                self._direct.add(key)  # runs again on its own when asked for, and raises there
+            elif cache:
+                self._cache[key] = res
+            else:
+                self._once[key] = res
+        return len(todo)
 
     def probe(self, command: str, *, ok: Iterable[int] = (0,), output: bool = True, marker: bool = False,
               sudo: bool = True, timeout: float = 120.0, cache: bool = True) -> CommandResult:
@@ -166,8 +206,7 @@ class CheckContext:
         fails the probe too.
         """
         try:
-            res = self.run(command, sudo=sudo, timeout=timeout) if cache else \
-                self.guest.run(command, sudo=sudo, timeout=timeout)
+            res = self.run(command, sudo=sudo, timeout=timeout) if cache else self._uncached(command, sudo, timeout)
         except (ImagekitError, OSError, TimeoutError) as exc:
             raise ProbeFailed(f"the guest did not answer: {type(exc).__name__}: {exc}", command) from exc
         allowed = tuple(ok)
@@ -188,6 +227,13 @@ class CheckContext:
         elif output and res.returncode == 0 and not res.stdout.strip():
             raise ProbeFailed("printed nothing, where output is needed to judge", command, res)
         return res
+
+    def _uncached(self, command: str, sudo: bool, timeout: float) -> CommandResult:
+        batched = self._once.pop((command, sudo), None)
+        if batched is not None:
+            return batched
+        self._defer(Command(command, sudo, timeout), cache=False)
+        return self.guest.run(command, sudo=sudo, timeout=timeout)
 
     def probe_failed(self, reason: str, res: CommandResult) -> ProbeFailed:
         """A :class:`ProbeFailed` for a result that ran but printed nothing judgeable (raise it)."""

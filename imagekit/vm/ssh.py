@@ -145,6 +145,9 @@ def load_private_key(path: Path) -> paramiko.PKey:
 class SSHGuest:
     """A :class:`~imagekit.vm.guest.Guest` over SSH through a Unix socket."""
 
+    # Takes imagekit.vm.guest.batch_script batches: several commands in one session (one sudo, one round trip).
+    runs_batches = True
+
     def __init__(
         self,
         socket_path: Path,
