@@ -32,7 +32,7 @@ from typing import Any
 import imagekit
 from imagekit.base import ensure_base
 from imagekit.base.inputs import BaseImage
-from imagekit.capture import VHD_NAME, Artifact, capture
+from imagekit.capture import VHD_NAME, Artifact, PendingCapture, start_capture
 from imagekit.checkrun import CheckOutcome, check_provisioned
 from imagekit.config.distros import Distro, Family, SourceKind
 from imagekit.core.errors import BuildError, CheckFailed, ImagekitError
@@ -119,7 +119,7 @@ class _BuildVM:
 
     generalized: _Generalized
     scanned: list[list[Finding]]  # the offline scan's own result; empty when it did not run
-    artifacts: list[Artifact]
+    pending: PendingCapture  # both artifacts written; their SHA-256 runs on beside the verify boot
     vm: dict[str, str]
     timings: dict[str, float]
 
@@ -228,9 +228,14 @@ def build(distro: Distro, options: BuildOptions | None = None) -> BuildResult:
     base = _base_image(plan)
     with plan.gallery.staging() as staging:
         built = _build_vm(plan, base, staging)
-        verified = _verify_vm(plan, staging)
+        try:
+            verified = _verify_vm(plan, staging)
+            artifacts = built.pending.finish()
+        except BaseException:
+            built.pending.abort()
+            raise
         _keep_check_reports(plan.report_dir, staging)
-        manifest = _manifest(plan, base, built, verified)
+        manifest = _manifest(plan, base, built, verified, artifacts)
         image = _register(plan, staging, manifest, {"build_vm": built.timings, "verify_vm": verified.timings})
     return _finish(plan, image)
 
@@ -280,17 +285,23 @@ def _base_image(plan: _Plan) -> BaseImage:
 
 def _build_vm(plan: _Plan, base: BaseImage, staging: Staging) -> _BuildVM:
     d, opts = plan.distro, plan.opts
-    with step("build VM (provision … capture)", plan.timings), \
-            provision(d, custom_data=plan.custom_data, base_image=base.path, workdir=plan.workdir,
-                      username=_username("build"), memory_mib=opts.memory_mib, cpus=opts.cpus,
-                      name=f"{d.id}-build") as pvm:
-        generalized = _check_and_generalize(plan, pvm)
-        overlay = _shut_down(plan, pvm)
-        scanned, artifacts = _capture(plan, pvm, overlay, staging)
-        who = pvm.profile
-        return _BuildVM(generalized=generalized, scanned=scanned, artifacts=artifacts,
-                        vm={"username": who.username, "hostname": who.hostname, "vm_uuid": str(pvm.vm.vm_uuid)},
-                        timings=pvm.timings.as_dict())
+    pending: PendingCapture | None = None
+    try:
+        with step("build VM (provision … capture)", plan.timings), \
+                provision(d, custom_data=plan.custom_data, base_image=base.path, workdir=plan.workdir,
+                          username=_username("build"), memory_mib=opts.memory_mib, cpus=opts.cpus,
+                          name=f"{d.id}-build") as pvm:
+            generalized = _check_and_generalize(plan, pvm)
+            overlay = _shut_down(plan, pvm)
+            scanned, pending = _capture(plan, pvm, overlay, staging)
+            who = pvm.profile
+            return _BuildVM(generalized=generalized, scanned=scanned, pending=pending,
+                            vm={"username": who.username, "hostname": who.hostname, "vm_uuid": str(pvm.vm.vm_uuid)},
+                            timings=pvm.timings.as_dict())
+    except BaseException:
+        if pending is not None:  # the VM's teardown failed after the capture: stop the hashing too
+            pending.abort()
+        raise
 
 
 def _check_and_generalize(plan: _Plan, pvm: ProvisionedVM) -> _Generalized:
@@ -324,8 +335,9 @@ def _shut_down(plan: _Plan, pvm: ProvisionedVM) -> Path:
 
 
 def _capture(plan: _Plan, pvm: ProvisionedVM, overlay: Path,
-             staging: Staging) -> tuple[list[list[Finding]], list[Artifact]]:
-    """Capture into the staging directory, the VHD scanned offline for what the build VM left behind."""
+             staging: Staging) -> tuple[list[list[Finding]], PendingCapture]:
+    """Capture into the staging directory, the VHD scanned offline for what the build VM left behind; the
+    artifacts' SHA-256 goes on in the background (the verify boot does not wait for it)."""
     who = pvm.profile
     scan_in = ScanInput(usernames=[who.username], hostnames=[who.hostname], password=who.password)
     scanned: list[list[Finding]] = []  # the scan's own result, for the manifest
@@ -337,8 +349,8 @@ def _capture(plan: _Plan, pvm: ProvisionedVM, overlay: Path,
         scanned.append(check_image(vhd, "vpc", scan_in, plan.timings))
 
     with step("capture", plan.timings):
-        artifacts = capture(overlay, staging.path, plan.timings, vhd_ready=scan)
-    return scanned, artifacts
+        pending = start_capture(overlay, staging.path, plan.timings, vhd_ready=scan)
+    return scanned, pending
 
 
 # -- verify VM: the captured VHD booted as a new VM, checks ---------------------------------------------------
@@ -387,7 +399,8 @@ def _keep_check_reports(report_dir: Path, staging: Staging) -> None:
             shutil.copy2(src, staging.path / "checks" / f"{sub}.json")
 
 
-def _manifest(plan: _Plan, base: BaseImage, built: _BuildVM, verified: _VerifyVM) -> dict[str, Any]:
+def _manifest(plan: _Plan, base: BaseImage, built: _BuildVM, verified: _VerifyVM,
+              artifacts: list[Artifact]) -> dict[str, Any]:
     d, gen = plan.distro, built.generalized
     manifest = dict(plan.manifest_head)
     manifest.update({
@@ -400,7 +413,7 @@ def _manifest(plan: _Plan, base: BaseImage, built: _BuildVM, verified: _VerifyVM
         "deprovision": gen.deprovision.as_dict() if gen.deprovision else {"skipped": True},
         "leak_scan": {"skipped": True} if plan.opts.skip_scan else _scan_summary(built.scanned),
         "vms": {"build": built.vm, "verify": verified.vm},
-        "artifacts": [a.as_dict() for a in built.artifacts],
+        "artifacts": [a.as_dict() for a in artifacts],
     })
     return manifest
 

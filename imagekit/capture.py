@@ -26,7 +26,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,10 +308,63 @@ def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, comp
             vhd_ready: Callable[[Path], object] | None = None) -> list[Artifact]:
     """Capture ``source`` into ``out_dir`` as ``disk.vhd`` and ``disk.qcow2``; verified and hashed.
 
+    :func:`start_capture`, then :meth:`PendingCapture.finish` at once (see there)."""
+    pending = start_capture(source, out_dir, timings, compare=compare, vhd_ready=vhd_ready)
+    try:
+        return pending.finish()
+    except BaseException:
+        pending.abort()
+        raise
+
+
+class PendingCapture:
+    """Both artifacts written and verified, their SHA-256 still running on another core: :meth:`finish`
+    waits for the hashes and returns the artifacts; :meth:`abort` stops the hashing and removes both files.
+    A caller that has other work (the verify boot) does it in between."""
+
+    def __init__(self, vhd: Path, qcow: Path, size: int, qcow_size: int, timings: Timings | None) -> None:
+        self.vhd, self.qcow, self.size, self.qcow_size, self._timings = vhd, qcow, size, qcow_size, timings
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._cancel = threading.Event()
+        self._sums: list[Future[str]] = []
+        self._closed = False
+
+    def _hash(self, path: Path) -> None:
+        self._sums.append(self._pool.submit(sha256_file, path, self._cancel))
+
+    def finish(self) -> list[Artifact]:
+        """Wait for the hashes; fsync both files; the artifacts, VHD first."""
+        with step("capture: SHA-256 (waited for)", self._timings):
+            vhd_sum, qcow_sum = (f.result() for f in self._sums)
+        for p in (self.vhd, self.qcow):
+            _fsync(p)
+        self._close()
+        return [_artifact(self.vhd, "vhd-fixed", self.size, vhd_sum),
+                _artifact(self.qcow, "qcow2-zstd", self.qcow_size, qcow_sum)]
+
+    def abort(self) -> None:
+        """Stop the hashing and remove what the capture wrote (idempotent)."""
+        self._cancel.set()
+        self._close()
+        for p in (self.vhd, self.qcow):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._closed = True
+
+
+def start_capture(source: Path, out_dir: Path, timings: Timings | None = None, *, compare: bool = True,
+                  vhd_ready: Callable[[Path], object] | None = None) -> PendingCapture:
+    """Write ``source`` into ``out_dir`` as ``disk.vhd`` and ``disk.qcow2`` and verify both; their SHA-256
+    runs on in the background (:class:`PendingCapture`).
+
     ``compare`` checks both artifacts' content against the source with ``qemu-img compare`` (sparse-aware,
     so cheap). ``vhd_ready``, if given, is called with the VHD's path once it is written and verified and
     before the qcow2 is made, so a caller can scan it early and stop a bad build sooner.
-    Files are fsynced; a failure removes what this call wrote.
+    A failure here removes what this call wrote.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     vhd = out_dir / VHD_NAME
@@ -320,19 +373,17 @@ def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, comp
         if p.exists():
             raise BuildError(f"{p} already exists; capture never overwrites an artifact")
     src_fmt = _source_format(source)
-    ok = False
-    # Hashing the VHD costs a full pass of SHA-256 over its virtual size (zeros included: the hash has
-    # no shortcut for them), so it runs on the second core while the qcow2 is written.
-    pool = ThreadPoolExecutor(max_workers=1)
-    cancel = threading.Event()
+    pending = PendingCapture(vhd, qcow, 0, 0, timings)
     try:
         with step("capture: fixed VHD", timings):
-            size = make_fixed_vhd(source, vhd)
+            pending.size = make_fixed_vhd(source, vhd)
         with step("capture: verify VHD footer and content", timings):
-            verify_azure_vhd(vhd, expected_size=size)
+            verify_azure_vhd(vhd, expected_size=pending.size)
             if compare:
                 run(["qemu-img", "compare", "-f", src_fmt, "-F", "vpc", source, vhd])
-        vhd_sum = pool.submit(sha256_file, vhd, cancel)
+        # Hashing the VHD costs a full pass of SHA-256 over its virtual size (zeros included: the hash has
+        # no shortcut for them), so it runs on the second core while the rest goes on.
+        pending._hash(vhd)
         if vhd_ready is not None:
             vhd_ready(vhd)
         with step("capture: zstd qcow2", timings):
@@ -344,23 +395,12 @@ def capture(source: Path, out_dir: Path, timings: Timings | None = None, *, comp
                 "compression-type"
             ) != "zstd":
                 raise BuildError(f"{qcow}: expected a standalone zstd-compressed qcow2, qemu-img info says {qinfo}")
-        with step("capture: SHA-256", timings):
-            artifacts = [
-                _artifact(vhd, "vhd-fixed", size, vhd_sum.result()),
-                _artifact(qcow, "qcow2-zstd", int(qinfo["virtual-size"]), sha256_file(qcow)),
-            ]
-        for p in (vhd, qcow):
-            _fsync(p)
-        ok = True
-        return artifacts
-    finally:
-        if not ok:
-            cancel.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if not ok:
-            for p in (vhd, qcow):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        pending.qcow_size = int(qinfo["virtual-size"])
+        pending._hash(qcow)
+        return pending
+    except BaseException:
+        pending.abort()
+        raise
 
 
 def verify_artifacts(directory: Path, artifacts: list[dict[str, Any]]) -> None:

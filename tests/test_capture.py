@@ -223,3 +223,41 @@ def test_sha256_cancel(tmp_path: Path) -> None:
     ev.set()
     with pytest.raises(capture.Cancelled):
         capture.sha256_file(p, ev)
+
+
+def test_pending_capture_hashes_beside_the_callers_work_and_abort_removes_everything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_capture returns with both artifacts written while their SHA-256 still runs: the build boots the
+    verify VM meanwhile. finish() waits and gives hashlib's digests; abort() stops the hash, removes both."""
+    import threading
+
+    real = capture.sha256_file
+    release = threading.Event()
+    hashed: list[str] = []
+
+    def gated(path: Path, cancel: threading.Event | None = None) -> str:
+        release.wait(30)  # held until the caller's own work is done: proves start_capture did not wait
+        hashed.append(path.name)
+        return real(path, cancel)
+
+    monkeypatch.setattr(capture, "sha256_file", gated)
+    src = _disk(tmp_path, "64M")
+    out = tmp_path / "out"
+    pending = capture.start_capture(src, out)
+    assert hashed == [] and (out / "disk.vhd").exists() and (out / "disk.qcow2").exists()
+    release.set()
+    arts = pending.finish()
+    assert hashed == ["disk.vhd", "disk.qcow2"]
+    for a in arts:
+        assert a.sha256 == hashlib.sha256((out / a.name).read_bytes()).hexdigest()
+
+    release.clear()
+    hashed.clear()
+    out2 = tmp_path / "out2"
+    pending = capture.start_capture(src, out2)
+    threads = threading.active_count()
+    release.set()
+    pending.abort()
+    assert list(out2.iterdir()) == []
+    assert threading.active_count() < threads  # the hashing thread is gone, not left running
+    pending.abort()  # twice is harmless
