@@ -440,20 +440,46 @@ def _check_known_distro(gallery: Any, distro: str) -> None:
 
 
 @task(help={
+    "boot": "the boot benchmark instead: plain boot to the login prompt (the baseline), then QEMU start → Ready, "
+            "Ready → SSH, resource disk, checks (and with --build a whole build), as ratios to that baseline",
+    "distro": "with --boot: the distro id to measure (repeat for several; default debian-12)",
+    "build": "with --boot: also time a whole build (minutes)",
+    "cpus": "with --boot: virtual CPUs of the VMs",
+    "memory": "with --boot: guest memory in MiB",
+    "output": "also write every figure as JSON to this file (in an existing directory; written atomically)",
     "disk_gib": "virtual size of the benchmark disk in GiB (a hole except for the data)",
     "data_mib": "MiB of files on it (half random, half text)",
-    "repeat": "runs per step; the median is reported",
+    "repeat": "runs per step; the median is reported (--boot: default 1)",
     "workdir": "where the scratch files go (default: the system's temporary directory)",
     "verbose": "log debug detail",
-})
+}, iterable=["distro"])
 @_cli
-def bench(c: Context, disk_gib: int = 30, data_mib: int = 1024, repeat: int = 3, workdir: str = "",
-          verbose: bool = False) -> None:
-    """Time capture (VHD, SHA-256, zstd qcow2) and the offline scan next to plain-tool baselines; print ratios."""
+def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build: bool = False, cpus: int = 1,
+          memory: int = 1024, output: str = "", disk_gib: int = 30, data_mib: int = 1024, repeat: int = 0,
+          workdir: str = "", verbose: bool = False) -> None:
+    """Time capture (VHD, SHA-256, zstd qcow2) and the offline scan next to plain-tool baselines, or (--boot) a
+    provisioned boot next to the guest's plain boot; print ratios."""
+    from dataclasses import asdict
     from pathlib import Path
 
     from imagekit.bench import render, run_capture_benchmark
+    from imagekit.bench_boot import boot_benchmark, check_output, render_boot, write_json
 
+    out = Path(output) if output else None
+    if out is not None:
+        check_output(out)
+    if boot:
+        from imagekit.config import distros as table
+
+        entries = [table.get(d) for d in (distro or ["debian-12"])]
+        results = [boot_benchmark(d, repeat=repeat or 1, cpus=cpus, memory_mib=memory, with_build=build,
+                                  workdir=Path(workdir) if workdir else None) for d in entries]
+        print(render_boot(results))
+        if out is not None:
+            write_json({"benchmark": "boot", "results": results}, out)
+        return
     rows = run_capture_benchmark(Path(workdir) if workdir else None, disk_gib=disk_gib, data_mib=data_mib,
-                                 repeat=repeat)
+                                 repeat=repeat or 3)
     print(render(rows))
+    if out is not None:
+        write_json({"benchmark": "capture", "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]}, out)

@@ -374,3 +374,13 @@ def test_provision_custom_data_is_size_checked_before_anything_starts(env: dict[
     proc = ik(env, "provision", "--distro", "debian-12", "--custom-data", str(big))
     refused(proc, f"--custom-data: {big} is 2147483648 bytes, over the limit of 65535")
     assert not (tmp_path / "cache").exists()  # no base image, VM dir or run dir was started
+
+
+# --- the boot benchmark -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", ["/nonexistent-dir/bench.json", "/tmp"])
+def test_bench_output_that_cannot_be_written_is_refused_before_any_vm(env: dict[str, str], given: str) -> None:
+    proc = ik(env, "bench", "--boot", "--output", given)
+    refused(proc, "--output", "allowed: a file path in an existing directory")
+    assert "plain" not in proc.stderr  # nothing booted

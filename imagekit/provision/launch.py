@@ -349,3 +349,35 @@ def provision(
         if keeper is None:
             shutil.rmtree(private, ignore_errors=True)
         vlog.info("timings (s after QEMU start): %s", timings.as_dict())
+
+
+_LOGIN_PROMPT = re.compile(r"^\S+ login: ", re.M)
+
+
+def plain_boot(distro: Distro, *, base_image: Path | None = None, workdir: Path | None = None,
+               memory_mib: int = 1024, cpus: int = 1, accel: qemu.Accel | None = None,
+               timeout: float = READY_TIMEOUT) -> float:
+    """The guest's own boot, for comparison: the same VM as :func:`provision` makes (same hardware, NIC and
+    emulated fabric) but with no provisioning DVD and no resource disk, so the agent has nothing to do.
+    Returns the seconds from QEMU's start to the serial console's login prompt."""
+    if base_image is None:
+        from imagekit.base import ensure_base
+
+        base_image = ensure_base(distro).path
+    vm_name = f"{distro.id}-plain-{secrets.token_hex(3)}"
+    run_dir = Path(workdir) / vm_name if workdir else _default_run_dir(vm_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    private = private_tmpdir(vm_name)
+    try:
+        overlay = private / "os.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", Path(base_image).resolve(), overlay])
+        profile = ProvisioningProfile.create(hostname=f"ik-{secrets.token_hex(3)}", username=DEFAULT_USERNAME)
+        identity = _new_identity()
+        with Fabric(profile, identity, name=vm_name) as fabric:
+            network = _guest_network(fabric, private / "fabric", identity.mac, profile.hostname)
+            with VM(vm_name, run_dir=run_dir, memory_mib=memory_mib, cpus=cpus, os_disk=overlay, network=network,
+                    accel=accel, vm_uuid=identity.vm_uuid, private_dir=private) as vm:
+                vm.wait_console(_LOGIN_PROMPT, timeout=timeout, what="the login prompt on the serial console")
+                return vm.mark("login prompt")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
