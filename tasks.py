@@ -43,6 +43,18 @@ def _cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _vm_size(memory: int, cpus: int) -> int | None:
+    """--memory and --cpus checked before any work; the vCPU count to pass on (None: chosen from the host)."""
+    from imagekit.core.errors import InputError
+
+    if not 128 <= memory <= 1024 * 1024:
+        raise InputError(f"--memory: bad guest memory {memory} MiB; allowed: 128 to 1048576 (MiB)")
+    if not 0 <= cpus <= 64:
+        raise InputError(f"--cpus: bad vCPU count {cpus}; allowed: 1 to 64, or 0 to choose from the host's free "
+                         "cores")
+    return cpus or None
+
+
 # --- distro table -------------------------------------------------------------------------------
 
 
@@ -160,12 +172,12 @@ def base(c: Context, distro: str = "debian-12", rebuild: bool = False, prune: bo
                    "before it is read)",
     "workdir": "where the run directory (console log, QEMU and namespace logs) goes (default: the cache)",
     "memory": "guest memory in MiB",
-    "cpus": "virtual CPUs",
+    "cpus": "virtual CPUs (default 0: two where two host cores are free of other imagekit VMs, else one)",
     "verbose": "log debug detail (every command run)",
 })
 @_cli
 def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_data: str = "",
-              workdir: str = "", memory: int = 1024, cpus: int = 1, verbose: bool = False) -> None:
+              workdir: str = "", memory: int = 1024, cpus: int = 0, verbose: bool = False) -> None:
     """Boot the distro's base image as a throwaway VM, let its agent provision it, log in over SSH.
 
     Ends when the agent reported Ready to the emulated fabric and SSH login works (or fails with why).
@@ -183,7 +195,7 @@ def provision(c: Context, distro: str = "debian-12", keep: bool = False, custom_
                                f"a file of 1-{CUSTOM_DATA_MAX} bytes (Azure's CustomData limit)")
         validate_custom_data(data)
     with provision_vm(d, custom_data=data, keep=keep, workdir=Path(workdir) if workdir else None,
-                      memory_mib=memory, cpus=cpus) as pvm:
+                      memory_mib=memory, cpus=_vm_size(memory, cpus)) as pvm:
         who = pvm.guest.run("id -un; hostname; systemd-detect-virt", sudo=False).stdout.split()
         print(f"{pvm.vm.name}: provisioned by {pvm.distro.agent.value}; logged in as {' '.join(who[:1])} "
               f"on {' '.join(who[1:2])} ({' '.join(who[2:3])})")
@@ -242,6 +254,8 @@ def vm_stop(c: Context, name: str = "", all: bool = False, verbose: bool = False
         "swap_percent": "cloud-init images: give the resource disk a swap partition of this share (0: none)",
         "only": "comma-separated check ids or categories to run (default: all)",
         "keep": "leave the VM running afterwards and print how to log in (its emulated fabric keeps serving it)",
+        "memory": "guest memory in MiB",
+        "cpus": "virtual CPUs (default 0: two where two host cores are free of other imagekit VMs, else one)",
         "verbose": "log debug detail",
     }
 )
@@ -253,6 +267,8 @@ def check(
     swap_percent: int = 0,
     only: str = "",
     keep: bool = False,
+    memory: int = 1024,
+    cpus: int = 0,
     verbose: bool = False,
 ) -> None:
     """Provision a throwaway VM, run the checks over SSH, write reports; exit code 1 if a check fails."""
@@ -265,6 +281,7 @@ def check(
 
     if not distro:
         raise InputError("missing required option --distro", hint="see: invoke distros")
+    vcpus = _vm_size(memory, cpus)
     d = table.get(distro)
     names = [n.strip() for n in only.split(",") if n.strip()]
     ids = [n for n in names if n in catalogue()]
@@ -273,7 +290,8 @@ def check(
     if names:
         chosen = (select(ids=ids) if ids else []) + (select(categories=categories) if categories else [])
     outcome = check_distro(d, report_dir=Path(report_dir) if report_dir else None,
-                           swap_percent=swap_percent or None, checks=chosen, keep=keep)
+                           swap_percent=swap_percent or None, checks=chosen, keep=keep, memory_mib=memory,
+                           cpus=vcpus)
     print(summary_table(outcome.runs))
     for kind, path in outcome.reports.items():
         print(f"{kind:6} {path}")
@@ -296,6 +314,8 @@ def check(
         "skip_deprovision": "TEST OPTION: capture without deprovisioning (the scan and the verify boot must "
                             "catch it)",
         "skip_scan": "TEST OPTION: skip the offline leak scan (to show the verify boot catches a bad image)",
+        "memory": "guest memory in MiB (both VMs)",
+        "cpus": "virtual CPUs (default 0: two where two host cores are free of other imagekit VMs, else one)",
         "verbose": "log debug detail",
     }
 )
@@ -307,6 +327,8 @@ def build(
     report_dir: str = "",
     skip_deprovision: bool = False,
     skip_scan: bool = False,
+    memory: int = 1024,
+    cpus: int = 0,
     verbose: bool = False,
 ) -> None:
     """Build an image: base, provision + checks, deprovision, capture (VHD + qcow2), verify boot, register."""
@@ -322,9 +344,10 @@ def build(
         raise InputError("missing required option --distro", hint="see: invoke distros")
     if version:
         Version.parse(version)  # a bad --version fails here, before any work (build() checks it again)
+    vcpus = _vm_size(memory, cpus)
     d = distros.get(distro)
     result = run_build(d, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
-                                       skip_scan=skip_scan,
+                                       skip_scan=skip_scan, memory_mib=memory, cpus=vcpus,
                                        report_dir=Path(report_dir) if report_dir else None))
     stages = result.manifest.get("timings", {}).get("stages", {})
     for name, seconds in stages.items():
@@ -444,7 +467,7 @@ def _check_known_distro(gallery: Any, distro: str) -> None:
             "Ready → SSH, resource disk, checks (and with --build a whole build), as ratios to that baseline",
     "distro": "with --boot: the distro id to measure (repeat for several; default debian-12)",
     "build": "with --boot: also time a whole build (minutes)",
-    "cpus": "with --boot: virtual CPUs of the VMs",
+    "cpus": "with --boot: virtual CPUs of the VMs (default 0: chosen as for a build)",
     "memory": "with --boot: guest memory in MiB",
     "output": "also write every figure as JSON to this file (in an existing directory; written atomically)",
     "disk_gib": "virtual size of the benchmark disk in GiB (a hole except for the data)",
@@ -454,7 +477,7 @@ def _check_known_distro(gallery: Any, distro: str) -> None:
     "verbose": "log debug detail",
 }, iterable=["distro"])
 @_cli
-def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build: bool = False, cpus: int = 1,
+def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build: bool = False, cpus: int = 0,
           memory: int = 1024, output: str = "", disk_gib: int = 30, data_mib: int = 1024, repeat: int = 0,
           workdir: str = "", verbose: bool = False) -> None:
     """Time capture (VHD, SHA-256, zstd qcow2) and the offline scan next to plain-tool baselines, or (--boot) a
@@ -472,7 +495,8 @@ def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build
         from imagekit.config import distros as table
 
         entries = [table.get(d) for d in (distro or ["debian-12"])]
-        results = [boot_benchmark(d, repeat=repeat or 1, cpus=cpus, memory_mib=memory, with_build=build,
+        vcpus = _vm_size(memory, cpus)
+        results = [boot_benchmark(d, repeat=repeat or 1, cpus=vcpus, memory_mib=memory, with_build=build,
                                   workdir=Path(workdir) if workdir else None) for d in entries]
         print(render_boot(results))
         if out is not None:

@@ -53,7 +53,7 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _provisioned_run(distro: Distro, workdir: Path, cpus: int, memory_mib: int) -> dict[str, float]:
+def _provisioned_run(distro: Distro, workdir: Path, cpus: int | None, memory_mib: int) -> dict[str, float]:
     """One provision + resource disk + checks run; the moments (seconds after QEMU started) it recorded."""
     from imagekit.checkrun import check_provisioned
     from imagekit.checks import plan_for, resource_disk_custom_data
@@ -65,7 +65,7 @@ def _provisioned_run(distro: Distro, workdir: Path, cpus: int, memory_mib: int) 
         return pvm.timings.as_dict()
 
 
-def _build_run(distro: Distro, workdir: Path, cpus: int, memory_mib: int) -> float:
+def _build_run(distro: Distro, workdir: Path, cpus: int | None, memory_mib: int) -> float:
     from imagekit.build import BuildOptions, build
     from imagekit.gallery import Gallery
 
@@ -75,7 +75,7 @@ def _build_run(distro: Distro, workdir: Path, cpus: int, memory_mib: int) -> flo
     return time.monotonic() - start
 
 
-def boot_benchmark(distro: Distro, *, repeat: int = 1, cpus: int = 1, memory_mib: int = 1024,
+def boot_benchmark(distro: Distro, *, repeat: int = 1, cpus: int | None = None, memory_mib: int = 1024,
                    with_build: bool = False, workdir: Path | None = None) -> dict[str, Any]:
     """Every figure of one distro as a JSON-ready dict (see the module docstring)."""
     from imagekit.base import ensure_base
@@ -84,6 +84,7 @@ def boot_benchmark(distro: Distro, *, repeat: int = 1, cpus: int = 1, memory_mib
     if not 1 <= repeat <= 20:
         raise InputError(f"bad --repeat {repeat}; allowed: 1 to 20")
     accel = qemu.probe_accel().accel
+    cpus = cpus or qemu.choose_cpus()  # the runs go one after another, so each would choose the same
     ensure_base(distro)  # not timed: a cached base image is the common case
     with tempfile.TemporaryDirectory(prefix="ik-bench-", dir=workdir) as tmp:
         root = Path(tmp)

@@ -67,7 +67,7 @@ class BuildOptions:
     workdir: Path | None = None
     gallery: Gallery | None = None
     memory_mib: int = 1024
-    cpus: int = 1
+    cpus: int | None = None  # None: chosen from what the host has free (qemu.choose_cpus)
 
 
 @dataclass

@@ -384,3 +384,18 @@ def test_bench_output_that_cannot_be_written_is_refused_before_any_vm(env: dict[
     proc = ik(env, "bench", "--boot", "--output", given)
     refused(proc, "--output", "allowed: a file path in an existing directory")
     assert "plain" not in proc.stderr  # nothing booted
+
+
+# --- VM sizes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["build", "check", "provision"])
+@pytest.mark.parametrize(("option", "value", "expect"), [
+    ("--cpus", "-1", "bad vCPU count -1"), ("--cpus", "65", "bad vCPU count 65"),
+    ("--memory", "64", "bad guest memory 64 MiB"), ("--memory", "0", "bad guest memory 0 MiB"),
+])
+def test_vm_sizes_out_of_range_are_refused_before_any_vm(env: dict[str, str], task: str, option: str, value: str,
+                                                        expect: str) -> None:
+    proc = ik(env, task, "--distro", "debian-12", option, value)
+    refused(proc, option, expect, "allowed:")
+    assert "starting QEMU" not in proc.stderr

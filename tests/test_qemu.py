@@ -244,3 +244,31 @@ def test_accel_override(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     monkeypatch.setenv("IMAGEKIT_ACCEL", "xen")
     with pytest.raises(InputError, match="allowed: kvm, tcg"):
         qemu.probe_accel()
+
+
+# --- the vCPU count chosen from the host ------------------------------------------------------------------
+
+
+def _fake_proc(root: Path, procs: dict[int, list[str]]) -> Path:
+    for pid, argv in procs.items():
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    return root
+
+
+def test_running_imagekit_vms_are_counted_by_their_vcpus_and_nothing_else(tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path, {
+        10: ["qemu-system-x86_64", "-name", "a,process=ik-a", "-smp", "2"],
+        11: ["/usr/bin/qemu-system-x86_64", "-name", "b,process=ik-b", "-smp", "1"],
+        12: ["qemu-system-x86_64", "-name", "c,process=ik-c"],  # no -smp: QEMU's default of one
+        13: ["qemu-system-x86_64", "-name", "someone-else", "-smp", "8"],  # not ours
+        14: ["python3", "-c", "print('process=ik-x -smp 4')"],  # names ours but is no QEMU
+    })
+    (tmp_path / "self").mkdir()  # not a pid: ignored
+    assert qemu.vcpus_of_running_vms(proc) == 4
+
+
+@pytest.mark.parametrize(("cores", "busy", "expect"), [(2, 0, 2), (2, 1, 1), (2, 2, 1), (1, 0, 1), (8, 5, 2),
+                                                        (8, 7, 1), (4, 9, 1)])
+def test_two_vcpus_only_where_two_cores_are_free(cores: int, busy: int, expect: int) -> None:
+    assert qemu.choose_cpus(cores, busy) == expect

@@ -278,7 +278,7 @@ def provision(
     workdir: Path | None = None,
     base_image: Path | None = None,
     memory_mib: int = 1024,
-    cpus: int = 1,
+    cpus: int | None = None,
     resource_disk_mib: int = 2048,
     ready_timeout: float = READY_TIMEOUT,
     ssh_timeout: float = SSH_TIMEOUT,
@@ -355,7 +355,7 @@ _LOGIN_PROMPT = re.compile(r"^\S+ login: ", re.M)
 
 
 def plain_boot(distro: Distro, *, base_image: Path | None = None, workdir: Path | None = None,
-               memory_mib: int = 1024, cpus: int = 1, accel: qemu.Accel | None = None,
+               memory_mib: int = 1024, cpus: int | None = None, accel: qemu.Accel | None = None,
                timeout: float = READY_TIMEOUT) -> float:
     """The guest's own boot, for comparison: the same VM as :func:`provision` makes (same hardware, NIC and
     emulated fabric) but with no provisioning DVD and no resource disk, so the agent has nothing to do.

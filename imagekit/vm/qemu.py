@@ -153,6 +153,35 @@ def cpu_args(accel: Accel) -> list[str]:
     return ["-accel", "tcg", "-cpu", "max,hypervisor=off"]
 
 
+_SMP_RE = re.compile(r"^(\d+)")
+
+
+def vcpus_of_running_vms(proc: Path = Path("/proc")) -> int:
+    """How many vCPUs the imagekit VMs running on this host have (QEMU processes named ``process=ik-...``)."""
+    total = 0
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not os.path.basename(args[0]).startswith(b"qemu-system"):
+            continue
+        if not any(b"process=ik-" in a for a in args):
+            continue
+        smp = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == b"-smp"), b"1")
+        m = _SMP_RE.match(smp.decode(errors="replace"))
+        total += int(m.group(1)) if m else 1
+    return total
+
+
+def choose_cpus(host_cores: int | None = None, busy_vcpus: int | None = None) -> int:
+    """The vCPU count for a new VM when none is asked for: two where two of the host's cores are free of
+    other imagekit VMs (under TCG the two then run as two host threads, multi-threaded TCG), else one."""
+    cores = host_cores if host_cores is not None else (os.cpu_count() or 1)
+    busy = busy_vcpus if busy_vcpus is not None else vcpus_of_running_vms()
+    return 2 if cores - busy >= 2 else 1
+
+
 def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     """The QEMU command line for ``spec`` (pure: reads no file, starts nothing)."""
     argv = [

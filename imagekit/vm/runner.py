@@ -199,7 +199,7 @@ class VM:
         *,
         run_dir: Path,
         memory_mib: int = 1024,
-        cpus: int = 1,
+        cpus: int | None = None,
         os_disk: Path | None = None,
         os_disk_format: str = "qcow2",
         iso: Path | None = None,
@@ -230,11 +230,12 @@ class VM:
         self.qemu_stderr = self.run_dir / "qemu.log"
         self.netns_log = self.run_dir / "netns.log"
         self._spec_args: dict[str, Any] = dict(
-            name=name, memory_mib=memory_mib, cpus=cpus, os_disk=os_disk, os_disk_format=os_disk_format,
+            name=name, memory_mib=memory_mib, os_disk=os_disk, os_disk_format=os_disk_format,
             iso=iso, resource_disk=resource_disk, kernel=kernel, kernel_append=kernel_append,
             vm_uuid=vm_uuid or uuid.uuid4(),
         )
         self._accel = accel
+        self._cpus = cpus  # None: qemu.choose_cpus() when the VM starts (what the host has free then)
         self.spec: qemu.VMSpec | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: _QMP | None = None
@@ -306,8 +307,9 @@ class VM:
             net = qemu.NetSpec(mac=self.network.mac, ssh_port=self.network.ssh_port,
                                hostname=self.network.hostname)
         self.console_log.write_bytes(b"")
+        cpus = self._cpus if self._cpus is not None else qemu.choose_cpus()
         self.spec = qemu.VMSpec(accel=accel, console_log=self.console_log, qmp_socket=self.qmp_socket,
-                                net=net, **self._spec_args)
+                                net=net, cpus=cpus, **self._spec_args)
         resolv = self.private_dir / "resolv.conf"
         resolv.write_text("nameserver 127.0.0.1\n")
         config = netns.NamespaceConfig(
