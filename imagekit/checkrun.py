@@ -59,8 +59,14 @@ def fabric_record(fabric: _Reports, t0: float | None = None) -> RecordedFabric:
 
 # What happens in the span that ends at each milestone the runner and this stage record.
 PHASE_LABELS = {
-    "first console output": "firmware and boot loader",
-    "ready": "kernel, boot and agent provisioning until Ready",
+    "first console output": "QEMU start-up until the firmware's first output",
+    "boot loader": "firmware (SeaBIOS) until the boot loader",
+    "kernel started": "boot loader: menu, loading the kernel and initrd",
+    "initrd started": "kernel start-up",
+    "userspace started": "initrd: drivers and the root file system",
+    "agent started": "userspace (systemd) until the agent starts",
+    "login prompt": "until the login prompt on the serial console",
+    "ready": "until the agent reported Ready",
     "host keys on console": "cloud-init config and final stages",
     "ssh ready": "SSH login as the provisioned user",
     "resource disk handled": "resource disk: the agent's own code",

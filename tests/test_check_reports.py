@@ -149,8 +149,8 @@ def test_writes_leave_no_temporary_files(written: tuple[list[CheckRun], dict[str
 def test_timeline_and_fabric_record_helpers() -> None:
     phases, events = timeline({"qemu start": 0.5, "ready": 20.0, "first console output": 2.0})
     assert phases[0] == Phase("launch QEMU", -0.5, 0.0)
-    assert [p.name for p in phases[1:]] == ["firmware and boot loader",
-                                            "kernel, boot and agent provisioning until Ready"]
+    assert [p.name for p in phases[1:]] == ["QEMU start-up until the firmware's first output",
+                                            "until the agent reported Ready"]
     other, _ = timeline({"something new": 3.0})
     assert other[0].name == "QEMU started → something new"
     assert events == [("first console output", 2.0), ("ready", 20.0)]
@@ -277,3 +277,18 @@ def test_check_provisioned_runs_setup_checks_and_reports_for_a_provisioned_vm(tm
     ready = next(c for c in data["checks"] if c["id"] == "provisioning.ready-reported")
     assert "2. Ready (at 12.0 s)" in ready["evidence"]
     assert data["facts"]["resource_disk_plan"]["mount_point"] == "/mnt"
+
+
+def test_the_guests_own_boot_phases_come_in_order_between_qemu_start_and_ready() -> None:
+    phases, _ = timeline({"qemu start": 0.5, "first console output": 0.6, "boot loader": 1.5, "kernel started": 4.0,
+                          "initrd started": 9.0, "userspace started": 20.0, "agent started": 30.0,
+                          "login prompt": 41.0, "ready": 47.0, "ssh ready": 50.0})
+    assert [(p.name, p.start, p.end) for p in phases[1:8]] == [
+        ("QEMU start-up until the firmware's first output", 0.0, 0.6),
+        ("firmware (SeaBIOS) until the boot loader", 0.6, 1.5),
+        ("boot loader: menu, loading the kernel and initrd", 1.5, 4.0),
+        ("kernel start-up", 4.0, 9.0),
+        ("initrd: drivers and the root file system", 9.0, 20.0),
+        ("userspace (systemd) until the agent starts", 20.0, 30.0),
+        ("until the login prompt on the serial console", 30.0, 41.0),
+    ]

@@ -103,3 +103,19 @@ def test_start_failure_carries_qemu_stderr(tmp_path: Path) -> None:
     assert "missing.bin" in str(err.value)
     leftover = subprocess.run(["pgrep", "-f", "process=ik-t-bad"], capture_output=True, text=True).stdout
     assert leftover.strip() == ""
+
+
+def test_boot_milestones_are_found_as_console_output_arrives_even_when_a_line_is_split() -> None:
+    from imagekit.vm.runner import MilestoneWatch
+
+    w = MilestoneWatch()
+    assert w.feed(b"SeaBIOS (version 1.16)\r\n") == []
+    assert w.feed(b"Welcome to GRUB!\r\n") == ["boot loader"]  # and not "userspace started"
+    assert w.feed(b"[    0.000000] Linux vers") == []
+    assert w.feed(b"ion 6.1.0-28-amd64 (debian-kernel@lists.debian.org)\r\n") == ["kernel started"]
+    assert w.feed(b"[    6.09] Run /init as init process\r\n[   19.36] systemd[1]: systemd 252.39 running\r\n") == [
+        "initrd started", "userspace started"]
+    assert w.feed(b"Welcome to Debian GNU/Linux 12 (bookworm)!\r\n") == []  # each milestone once
+    assert w.feed(b"2026-12-02T00:26:39Z INFO Daemon Daemon Azure Linux Agent Version:2.7.3.0\r\n") == ["agent started"]
+    assert w.feed(b"Debian GNU/Linux 12 ik-7407b5 ttyS0\r\n\r\nik-7407b5 login: ") == ["login prompt"]
+    assert w.pending == []

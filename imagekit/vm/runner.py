@@ -122,6 +122,34 @@ def sweep_stale(base: Path) -> list[Path]:
     return removed
 
 
+# The guest's own boot, as the serial console shows it: each milestone is recorded (seconds after QEMU
+# started) when its line first arrives, so the report's timeline shows where an image spends its boot.
+BOOT_MILESTONES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("boot loader", re.compile(r"GNU GRUB|Booting `|Welcome to GRUB")),
+    ("kernel started", re.compile(r"Linux version \d")),
+    ("initrd started", re.compile(r"Run /init as init process|Loading, please wait")),
+    ("userspace started", re.compile(r"systemd\[1\]: systemd \d|Welcome to (?!GRUB)[^\n]*!")),
+    ("agent started", re.compile(r"Azure Linux Agent Version|Cloud-init v\. \S+ running 'init-local'")),
+    ("login prompt", re.compile(r"(?m)^\S+ login: ")),
+)
+_MILESTONE_TAIL = 256  # characters of earlier output kept in view, so a line cut between two reads still matches
+
+
+class MilestoneWatch:
+    """Feeds on console output as it arrives; says which :data:`BOOT_MILESTONES` each chunk completed."""
+
+    def __init__(self) -> None:
+        self.pending = list(BOOT_MILESTONES)
+        self._tail = ""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        text = self._tail + chunk.decode(errors="replace")
+        seen = [name for name, rx in self.pending if rx.search(text)]
+        self.pending = [(n, rx) for n, rx in self.pending if n not in seen]
+        self._tail = text[-_MILESTONE_TAIL:]
+        return seen
+
+
 def private_tmpdir(name: str) -> Path:
     """A fresh 0700 directory for one VM's sockets and secrets, short enough for Unix socket paths."""
     base = vms_dir()
@@ -399,15 +427,25 @@ class VM:
         self.log.info("first console output %.1f s after QEMU started", elapsed)
 
     def _watch_console(self) -> None:
-        # Polling the file's size is the cheapest honest signal for "the guest said something".
-        while not self._stop_watch.is_set() and not self._exited.is_set() and self.t_first_output is None:
+        # Polling the file's size is the cheapest honest signal for "the guest said something"; after that,
+        # the new output is read as it comes and each boot milestone is recorded when its line arrives.
+        watch = MilestoneWatch()
+        offset = 0
+        while watch.pending and not self._stop_watch.is_set() and not self._exited.is_set():
             try:
-                if self.console_log.stat().st_size > 0:
-                    self._note_output()
-                    return
+                size = self.console_log.stat().st_size
             except OSError:
-                pass
-            self._stop_watch.wait(0.1)
+                size = 0
+            if size > offset:
+                self._note_output()
+                with contextlib.suppress(OSError), self.console_log.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(size - offset)
+                    offset += len(chunk)
+                    for name in watch.feed(chunk):
+                        self.timings.record(name, self.since_start())
+                        self.log.debug("%s %.1f s after QEMU started", name, self.since_start())
+            self._stop_watch.wait(0.1 if self.t_first_output is None else 0.25)
 
     def since_start(self) -> float:
         """Seconds since QEMU started."""
