@@ -81,14 +81,15 @@ case "$cmd" in
       echo "== pytest $*"
       exec pytest "$@"
     fi
-    # The whole suite: the fast lane first, then the VM lane with its tests side by side, one per core
-    # (each TCG guest keeps one core busy). IMAGEKIT_VM_WORKERS sets that number; 0 runs them one at a time.
-    workers=${IMAGEKIT_VM_WORKERS:-$(nproc)}
+    # The whole suite: the fast lane first, then the VM lane, each with its tests side by side, one worker
+    # per core (each TCG guest keeps one core busy). IMAGEKIT_TEST_WORKERS sets that number; 0 runs the tests
+    # one at a time.
+    workers=${IMAGEKIT_TEST_WORKERS:-$(nproc)}
     [ "$workers" -gt 4 ] && workers=4
     [ "$workers" -eq 1 ] && workers=0
     status=0
     echo "== pytest: the fast lane (-m 'not vm')"
-    pytest -m 'not vm' || status=$?
+    pytest -m 'not vm' -n "$workers" --dist loadgroup || status=$?
     echo "== pytest: the VM lane (-m vm), $( [ "$workers" -eq 0 ] && echo "one test at a time" || echo "$workers side by side")"
     pytest -m vm -n "$workers" --dist loadgroup --no-loadscope-reorder || status=$?
     exit "$status"
