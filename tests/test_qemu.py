@@ -270,5 +270,18 @@ def test_running_imagekit_vms_are_counted_by_their_vcpus_and_nothing_else(tmp_pa
 
 @pytest.mark.parametrize(("cores", "busy", "expect"), [(2, 0, 2), (2, 1, 1), (2, 2, 1), (1, 0, 1), (8, 5, 2),
                                                         (8, 7, 1), (4, 9, 1)])
-def test_two_vcpus_only_where_two_cores_are_free(cores: int, busy: int, expect: int) -> None:
+def test_two_vcpus_only_where_two_cores_are_free(cores: int, busy: int, expect: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMAGEKIT_CPUS", raising=False)
     assert qemu.choose_cpus(cores, busy) == expect
+
+
+def test_imagekit_cpus_overrides_the_choice_and_a_bad_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEKIT_CPUS", "3")
+    assert qemu.choose_cpus(2, 0) == 3
+    for bad in ("0", "two", "-1", "65"):
+        monkeypatch.setenv("IMAGEKIT_CPUS", bad)
+        with pytest.raises(InputError, match="bad IMAGEKIT_CPUS .*allowed: a vCPU count from 1 to 64"):
+            qemu.choose_cpus(2, 0)
+    monkeypatch.delenv("IMAGEKIT_CPUS")
+    assert qemu.choose_cpus(2, 0) == 2

@@ -371,7 +371,9 @@ def plain_boot(distro: Distro, *, base_image: Path | None = None, workdir: Path 
     try:
         overlay = private / "os.qcow2"
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", Path(base_image).resolve(), overlay])
-        profile = ProvisioningProfile.create(hostname=f"ik-{secrets.token_hex(3)}", username=DEFAULT_USERNAME)
+        _key, public_key = generate_keypair(private)  # the fabric's IMDS answers name a key; nobody logs in
+        profile = ProvisioningProfile.create(hostname=f"ik-{secrets.token_hex(3)}", username=DEFAULT_USERNAME,
+                                             ssh_public_keys=(public_key,))
         identity = _new_identity()
         with Fabric(profile, identity, name=vm_name) as fabric:
             network = _guest_network(fabric, private / "fabric", identity.mac, profile.hostname)

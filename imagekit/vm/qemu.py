@@ -175,8 +175,15 @@ def vcpus_of_running_vms(proc: Path = Path("/proc")) -> int:
 
 
 def choose_cpus(host_cores: int | None = None, busy_vcpus: int | None = None) -> int:
-    """The vCPU count for a new VM when none is asked for: two where two of the host's cores are free of
-    other imagekit VMs (under TCG the two then run as two host threads, multi-threaded TCG), else one."""
+    """The vCPU count for a new VM when none is asked for: ``$IMAGEKIT_CPUS`` if set (the test suite sets 1
+    when it runs one VM per core), else two where two of the host's cores are free of other imagekit VMs
+    (under TCG the two then run as two host threads, multi-threaded TCG), else one."""
+    env = os.environ.get("IMAGEKIT_CPUS", "").strip()
+    if env:
+        if not env.isdigit() or not 1 <= int(env) <= 64:
+            raise InputError(f"bad IMAGEKIT_CPUS {env[:20]!r}; allowed: a vCPU count from 1 to 64 (unset: chosen "
+                             "from the host's free cores)")
+        return int(env)
     cores = host_cores if host_cores is not None else (os.cpu_count() or 1)
     busy = busy_vcpus if busy_vcpus is not None else vcpus_of_running_vms()
     return 2 if cores - busy >= 2 else 1
