@@ -281,7 +281,7 @@ def test_imagekit_cpus_overrides_the_choice_and_a_bad_value_is_refused(monkeypat
     assert qemu.choose_cpus(2, 0) == 3
     for bad in ("0", "two", "-1", "65"):
         monkeypatch.setenv("IMAGEKIT_CPUS", bad)
-        with pytest.raises(InputError, match="bad IMAGEKIT_CPUS .*allowed: a vCPU count from 1 to 64"):
+        with pytest.raises(InputError, match=r"bad IMAGEKIT_CPUS .*allowed: a vCPU count from 1 to 64"):
             qemu.choose_cpus(2, 0)
     monkeypatch.delenv("IMAGEKIT_CPUS")
     assert qemu.choose_cpus(2, 0) == 2
