@@ -163,3 +163,15 @@ def test_batched_checks_judge_exactly_as_one_probe_at_a_time(tmp_path: Path, dis
     # covers passing, failing and erroring checks alike.
     assert {Status.PASS, Status.FAIL, Status.ERROR} <= {r[1] for r in batched}
     assert batched_calls * 4 <= alone_calls, (batched_calls, alone_calls)
+
+
+def test_a_batch_runs_its_commands_side_by_side(tmp_path: Path) -> None:
+    """The first command waits (up to its timeout) for a file the second one makes: run one after the other
+    it would time out; side by side it sees the file."""
+    flag = tmp_path / "flag"
+    cmds = [Command(f"while [ ! -e {flag} ]; do sleep 0.1; done; echo saw it", timeout=20),
+            Command(f"sleep 0.5; touch {flag}")]
+    p = subprocess.run(["/bin/sh", "-c", batch_script(cmds)], capture_output=True, text=True, timeout=60)
+    got = parse_batch(p.stdout, cmds)
+    assert got[0] == CommandResult(cmds[0].command, 0, "saw it\n", "")
+    assert got[1].returncode == 0
