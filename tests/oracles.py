@@ -11,6 +11,7 @@ The mirror is the one the host's apt sources already use for Debian (or ``$IMAGE
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -52,6 +53,17 @@ def oracle_root(suite: str = "bookworm") -> Path:
     if (dest / ".complete").exists():
         return site
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Test workers side by side (pytest-xdist) may all ask at once: one unpacks, the others wait for it,
+    # and a complete tree is never replaced under a worker that is importing from it.
+    with (dest.parent / f".{suite}.lock").open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (dest / ".complete").exists():
+            return site
+        _unpack(suite, dest)
+    return site
+
+
+def _unpack(suite: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{suite}-") as tmp_s:
         tmp = Path(tmp_s)
         apt = tmp / "apt"
@@ -79,10 +91,9 @@ def oracle_root(suite: str = "bookworm") -> Path:
         versions = {deb.name.split("_")[0]: deb.name.split("_")[1] for deb in debs.glob("*.deb")}
         (unpacked / "VERSIONS").write_text("".join(f"{k} {v}\n" for k, v in sorted(versions.items())))
         (unpacked / ".complete").touch()
-        if dest.exists():
+        if dest.exists():  # an incomplete tree of an interrupted run (the lock is held: nobody else's)
             shutil.rmtree(dest)
         unpacked.rename(dest)
-    return site
 
 
 def versions(suite: str = "bookworm") -> dict[str, str]:
