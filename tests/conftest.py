@@ -91,7 +91,9 @@ def _module_scoped_params(item: pytest.Item) -> list[str]:
     for name, value in callspec.params.items():
         defs = info.name2fixturedefs.get(name)
         if defs and defs[-1].scope in ("module", "package", "session"):
-            out.append(f"{name}[{value}]")
+            # No brackets or '@': xdist reads a node id's group as what follows its last '@', unless a ']'
+            # comes after that '@' (then it takes the '@' for part of a parameter and the test goes alone).
+            out.append(f"{name}={value}".replace("[", "(").replace("]", ")").replace("@", "_"))
     return out
 
 
