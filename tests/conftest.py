@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import tempfile
@@ -80,30 +81,36 @@ VM_LANE_ORDER = ("test_build_vm", "test_provision_vm", "test_base_image", "test_
                  "test_capture", "test_vm")
 
 
-def _module_scoped_params(item: pytest.Item) -> list[str]:
-    """``fixture[param]`` for each module- or wider-scoped parametrized fixture the item uses: tests that share
-    one such fixture value must run on the same worker, or each worker would set it up (boot a VM) again."""
-    callspec = getattr(item, "callspec", None)
-    info = getattr(item, "_fixtureinfo", None)
-    if callspec is None or info is None:
-        return []
-    out = []
-    for name, value in callspec.params.items():
-        defs = info.name2fixturedefs.get(name)
-        if defs and defs[-1].scope in ("module", "package", "session"):
-            # No brackets or '@': xdist reads a node id's group as what follows its last '@', unless a ']'
-            # comes after that '@' (then it takes the '@' for part of a parameter and the test goes alone).
-            out.append(f"{name}={value}".replace("[", "(").replace("]", ")").replace("@", "_"))
-    return out
+# Modules whose parametrized tests share one module-scoped VM (or base image) per parameter: the tests of one
+# parameter must run on one worker, or each worker would set it up (boot the VM) again.
+SHARED_PER_PARAMETER = ("tests/test_provision_vm.py", "tests/test_base_image.py")
+_PARAM = re.compile(r"\[([^\]]*)\]$")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def vm_scope(nodeid: str) -> str:
+    """The unit of work a test goes to a worker in: ``module[param]`` for the parametrized tests of
+    :data:`SHARED_PER_PARAMETER`, else the test alone."""
+    module = nodeid.split("::", 1)[0]
+    m = _PARAM.search(nodeid)
+    if module in SHARED_PER_PARAMETER and m:
+        return f"{module}[{m.group(1)}]"
+    return nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Work units by :func:`vm_scope` (xdist's own ``--dist loadgroup`` marks do not reach the node ids
+    under pytest 9, which keeps a node's id where xdist 3.8 no longer writes it)."""
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class SharedVMScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return vm_scope(nodeid)
+
+    return SharedVMScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        shared = _module_scoped_params(item)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ + ":" + ",".join(shared)))  # type: ignore[attr-defined]
-
     def rank(item: pytest.Item) -> int:
         name = item.module.__name__.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
         return VM_LANE_ORDER.index(name) if name in VM_LANE_ORDER else len(VM_LANE_ORDER)
