@@ -46,12 +46,14 @@ def _cli(fn: F) -> F:
 def _vm_size(memory: int, cpus: int) -> int | None:
     """--memory and --cpus checked before any work; the vCPU count to pass on (None: chosen from the host)."""
     from imagekit.core.errors import InputError
+    from imagekit.vm.qemu import CPUS_MAX, MEMORY_MIB_MAX, MEMORY_MIB_MIN
 
-    if not 128 <= memory <= 1024 * 1024:
-        raise InputError(f"--memory: bad guest memory {memory} MiB; allowed: 128 to 1048576 (MiB)")
-    if not 0 <= cpus <= 64:
-        raise InputError(f"--cpus: bad vCPU count {cpus}; allowed: 1 to 64, or 0 to choose from the host's free "
-                         "cores")
+    if not MEMORY_MIB_MIN <= memory <= MEMORY_MIB_MAX:
+        raise InputError(f"--memory: bad guest memory {memory} MiB; allowed: {MEMORY_MIB_MIN} to {MEMORY_MIB_MAX} "
+                         "(MiB)")
+    if not 0 <= cpus <= CPUS_MAX:
+        raise InputError(f"--cpus: bad vCPU count {cpus}; allowed: 1 to {CPUS_MAX}, or 0 to choose from the host's "
+                         "free cores")
     return cpus or None
 
 

@@ -112,6 +112,10 @@ class NetSpec:
             raise InputError(f"bad hostname {self.hostname!r}; allowed: letters, digits, '.', '_', '-'")
 
 
+MEMORY_MIB_MIN, MEMORY_MIB_MAX = 128, 1024 * 1024  # a VM's memory, as VMSpec and the tasks' --memory take it
+CPUS_MAX = 64
+
+
 @dataclass(frozen=True)
 class VMSpec:
     """Everything that decides a VM's QEMU command line."""
@@ -135,10 +139,10 @@ class VMSpec:
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise InputError(f"bad VM name {self.name!r}; allowed: letters, digits, '.', '_', '-' (max 63)")
-        if not 128 <= self.memory_mib <= 1024 * 1024:
-            raise InputError(f"bad memory size {self.memory_mib} MiB; allowed: 128 to 1048576")
-        if not 1 <= self.cpus <= 64:
-            raise InputError(f"bad vCPU count {self.cpus}; allowed: 1 to 64")
+        if not MEMORY_MIB_MIN <= self.memory_mib <= MEMORY_MIB_MAX:
+            raise InputError(f"bad memory size {self.memory_mib} MiB; allowed: {MEMORY_MIB_MIN} to {MEMORY_MIB_MAX}")
+        if not 1 <= self.cpus <= CPUS_MAX:
+            raise InputError(f"bad vCPU count {self.cpus}; allowed: 1 to {CPUS_MAX}")
         if self.os_disk_format not in ("qcow2", "raw"):
             raise InputError(f"bad OS disk format {self.os_disk_format!r}; allowed: qcow2, raw")
         if self.kernel_append and self.kernel is None:
@@ -180,9 +184,9 @@ def choose_cpus(host_cores: int | None = None, busy_vcpus: int | None = None) ->
     (under TCG the two then run as two host threads, multi-threaded TCG), else one."""
     env = os.environ.get("IMAGEKIT_CPUS", "").strip()
     if env:
-        if not env.isdigit() or not 1 <= int(env) <= 64:
-            raise InputError(f"bad IMAGEKIT_CPUS {env[:20]!r}; allowed: a vCPU count from 1 to 64 (unset: chosen "
-                             "from the host's free cores)")
+        if not env.isdigit() or not 1 <= int(env) <= CPUS_MAX:
+            raise InputError(f"bad IMAGEKIT_CPUS {env[:20]!r}; allowed: a vCPU count from 1 to {CPUS_MAX} "
+                             "(unset: chosen from the host's free cores)")
         return int(env)
     cores = host_cores if host_cores is not None else (os.cpu_count() or 1)
     busy = busy_vcpus if busy_vcpus is not None else vcpus_of_running_vms()
