@@ -488,7 +488,8 @@ def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build
     from pathlib import Path
 
     from imagekit.bench import render, run_capture_benchmark
-    from imagekit.bench_boot import boot_benchmark, check_output, render_boot, write_json
+    from imagekit.bench_boot import boot_benchmark, check_output, render_boot
+    from imagekit.core.fsutil import write_json_atomic
 
     out = Path(output) if output else None
     if out is not None:
@@ -502,10 +503,10 @@ def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build
                                   workdir=Path(workdir) if workdir else None) for d in entries]
         print(render_boot(results))
         if out is not None:
-            write_json({"benchmark": "boot", "results": results}, out)
+            write_json_atomic(out, {"benchmark": "boot", "results": results})
         return
     rows = run_capture_benchmark(Path(workdir) if workdir else None, disk_gib=disk_gib, data_mib=data_mib,
                                  repeat=repeat or 3)
     print(render(rows))
     if out is not None:
-        write_json({"benchmark": "capture", "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]}, out)
+        write_json_atomic(out, {"benchmark": "capture", "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]})

@@ -20,7 +20,6 @@ from typing import Any
 
 from imagekit.config.distros import Distro
 from imagekit.core.errors import InputError
-from imagekit.core.fsutil import write_json_atomic
 from imagekit.vm import qemu
 
 # The targets the speed work aims at (each a ratio to the plain boot, or seconds).
@@ -47,10 +46,6 @@ class Figure:
             value = out["ratio_to_plain_boot"] if kind == "ratio" else out["seconds"]
             out["target"] = {"kind": kind, "at_most": limit, "met": value is not None and value <= limit}
         return out
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def _provisioned_run(distro: Distro, workdir: Path, cpus: int | None, memory_mib: int) -> dict[str, float]:
@@ -93,7 +88,7 @@ def boot_benchmark(distro: Distro, *, repeat: int = 1, cpus: int | None = None, 
         runs = [_provisioned_run(distro, root / f"prov{i}", cpus, memory_mib) for i in range(repeat)]
         builds = [_build_run(distro, root / f"build{i}", cpus, memory_mib) for i in range(repeat)] if with_build \
             else []
-    baseline = _median(plain)
+    baseline = statistics.median(plain)
 
     def moment(name: str) -> list[float]:
         missing = [i for i, r in enumerate(runs) if name not in r]
@@ -104,15 +99,15 @@ def boot_benchmark(distro: Distro, *, repeat: int = 1, cpus: int | None = None, 
     ready, ssh = moment("ready"), moment("ssh ready")
     disk, checks = moment("resource disk handled"), moment("checks done")
     figures = [
-        Figure("qemu_to_ready", _median(ready), "QEMU start to the agent's Ready report"),
-        Figure("ready_to_ssh", _median([b - a for a, b in zip(ready, ssh, strict=True)]),
+        Figure("qemu_to_ready", statistics.median(ready), "QEMU start to the agent's Ready report"),
+        Figure("ready_to_ssh", statistics.median([b - a for a, b in zip(ready, ssh, strict=True)]),
                "Ready to a working SSH login"),
-        Figure("resource_disk", _median([b - a for a, b in zip(ssh, disk, strict=True)]),
+        Figure("resource_disk", statistics.median([b - a for a, b in zip(ssh, disk, strict=True)]),
                "SSH login to the resource disk handled by the agent"),
-        Figure("checks", _median([b - a for a, b in zip(disk, checks, strict=True)]), "all checks"),
+        Figure("checks", statistics.median([b - a for a, b in zip(disk, checks, strict=True)]), "all checks"),
     ]
     if builds:
-        figures.append(Figure("build", _median(builds), "a whole build (build VM, capture, scan, verify VM)"))
+        figures.append(Figure("build", statistics.median(builds), "a whole build (build VM, capture, scan, verify VM)"))
     return {
         "distro": distro.id, "agent": distro.agent.value, "accel": accel.value, "cpus": cpus,
         "memory_mib": memory_mib, "repeat": repeat,
@@ -146,7 +141,3 @@ def check_output(path: Path) -> None:
     if not path.parent.is_dir():
         raise InputError(f"--output {path}: directory {path.parent} does not exist; allowed: a file path in an "
                          "existing directory")
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    write_json_atomic(path, data)

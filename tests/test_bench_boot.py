@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imagekit.bench_boot import Figure, check_output, render_boot, write_json
+from imagekit.bench_boot import Figure, check_output, render_boot
 from imagekit.core.errors import InputError
+from imagekit.core.fsutil import write_json_atomic
 
 
 def test_ratio_targets_are_judged_against_the_plain_boot() -> None:
@@ -49,7 +50,7 @@ def test_the_table_and_the_json_carry_every_figure(tmp_path: Path) -> None:
     assert "qemu_to_ready      40.0 s   1.60× plain boot  target ≤ 1.25×: NOT met" in table
     assert "checks              3.0 s   0.12× plain boot  target ≤ 5 s: met" in table
     out = tmp_path / "bench.json"
-    write_json({"benchmark": "boot", "results": [result]}, out)
+    write_json_atomic(out, {"benchmark": "boot", "results": [result]})
     import json
 
     assert json.loads(out.read_text())["results"][0]["figures"][0]["ratio_to_plain_boot"] == 1.6
