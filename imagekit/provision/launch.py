@@ -103,6 +103,22 @@ def _default_run_dir(name: str) -> Path:
     return cache_dir() / "runs" / f"{stamp}-{name}"
 
 
+def _run_dir(workdir: Path | None, name: str) -> Path:
+    """The VM's run directory (console log, QEMU and namespace logs), made: under ``workdir`` or the cache."""
+    run_dir = Path(workdir) / name if workdir else _default_run_dir(name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _base_path(distro: Distro, base_image: Path | None) -> Path:
+    """``base_image``, or the distro's base image (built or found in the cache)."""
+    if base_image is not None:
+        return Path(base_image)
+    from imagekit.base import ensure_base
+
+    return ensure_base(distro).path
+
+
 def _make_overlay(base: Path, overlay: Path) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", os.fspath(base.resolve()),
          os.fspath(overlay)])
@@ -303,14 +319,10 @@ def provision(
     """
     suffix = secrets.token_hex(3)
     vm_name = name or f"{distro.id}-{suffix}"
-    run_dir = Path(workdir) / vm_name if workdir else _default_run_dir(vm_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(workdir, vm_name)
     timings = Timings()
     vlog: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
-    if base_image is None:
-        from imagekit.base import ensure_base
-
-        base_image = ensure_base(distro).path
+    base_image = _base_path(distro, base_image)
     private = private_tmpdir(vm_name)
     keeper: Keeper | None = None
     try:
@@ -360,13 +372,9 @@ def plain_boot(distro: Distro, *, base_image: Path | None = None, workdir: Path 
     """The guest's own boot, for comparison: the same VM as :func:`provision` makes (same hardware, NIC and
     emulated fabric) but with no provisioning DVD and no resource disk, so the agent has nothing to do.
     Returns the seconds from QEMU's start to the serial console's login prompt."""
-    if base_image is None:
-        from imagekit.base import ensure_base
-
-        base_image = ensure_base(distro).path
+    base_image = _base_path(distro, base_image)
     vm_name = f"{distro.id}-plain-{secrets.token_hex(3)}"
-    run_dir = Path(workdir) / vm_name if workdir else _default_run_dir(vm_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(workdir, vm_name)
     private = private_tmpdir(vm_name)
     try:
         overlay = private / "os.qcow2"
