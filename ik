@@ -89,12 +89,12 @@ case "$cmd" in
     [ "$workers" -eq 1 ] && workers=0
     status=0
     echo "== pytest: the fast lane (-m 'not vm')"
-    pytest -m 'not vm' -n "$workers" --dist loadgroup || status=$?
+    pytest -m 'not vm' -n "$workers" --dist loadscope --no-loadscope-reorder || status=$?
     echo "== pytest: the VM lane (-m vm), $( [ "$workers" -eq 0 ] && echo "one test at a time" || echo "$workers side by side")"
     # One vCPU per VM while the VMs run one per core: two VMs of one vCPU get through more than two of two
     # on two cores (measured: login prompt 70 s each vs 83–92 s each; alone, two vCPUs take 50 s, one 68 s).
     vm_cpus=${IMAGEKIT_CPUS:-$( [ "$workers" -ge 2 ] && echo 1 || echo "")}
-    IMAGEKIT_CPUS=$vm_cpus pytest -m vm -n "$workers" --dist loadgroup --no-loadscope-reorder || status=$?
+    IMAGEKIT_CPUS=$vm_cpus pytest -m vm -n "$workers" --dist loadscope --no-loadscope-reorder || status=$?
     exit "$status"
     ;;
   "" | -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
