@@ -73,7 +73,7 @@ def sockdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-# --- running the VM lane side by side (pytest-xdist, --dist loadgroup) ---------------------------------------
+# --- running the VM lane side by side (pytest-xdist, the scheduler below) ---------------------------------------
 
 # The VM lane's modules, longest-running first: xdist hands work out in collection order, so the long
 # builds start at once on separate workers and the short tests fill in around them at the end.
