@@ -278,31 +278,34 @@ def check(
 
     from imagekit.checkrun import check_distro
     from imagekit.checks import catalogue, select, summary_table
+    from imagekit.checks.report import default_report_dir
     from imagekit.config import distros as table
     from imagekit.core.errors import CheckFailed, InputError
+    from imagekit.matrix.result import recording_result
 
     if not distro:
         raise InputError("missing required option --distro", hint="see: invoke distros")
     vcpus = _vm_size(memory, cpus)
     d = table.get(distro)
+    out_dir = Path(report_dir) if report_dir else default_report_dir(d.id)
     names = [n.strip() for n in only.split(",") if n.strip()]
     ids = [n for n in names if n in catalogue()]
     categories = [n for n in names if n not in ids]
     chosen = None
     if names:
         chosen = (select(ids=ids) if ids else []) + (select(categories=categories) if categories else [])
-    outcome = check_distro(d, report_dir=Path(report_dir) if report_dir else None,
-                           swap_percent=swap_percent or None, checks=chosen, keep=keep, memory_mib=memory,
-                           cpus=vcpus)
-    print(summary_table(outcome.runs))
-    for kind, path in outcome.reports.items():
-        print(f"{kind:6} {path}")
-    if keep:
-        print("the VM keeps running: ./ik vms shows how to log in, ./ik vm-stop --name NAME stops it")
-    if not outcome.ok:
-        bad = [r.check.id for r in outcome.runs if not r.result.ok]
-        raise CheckFailed(f"{len(bad)} check(s) did not pass: {', '.join(bad)}",
-                          hint=f"evidence in {outcome.reports['html']}")
+    with recording_result(out_dir, distro_id=d.id, task="check"):
+        outcome = check_distro(d, report_dir=out_dir, swap_percent=swap_percent or None, checks=chosen, keep=keep,
+                               memory_mib=memory, cpus=vcpus)
+        print(summary_table(outcome.runs))
+        for kind, path in outcome.reports.items():
+            print(f"{kind:6} {path}")
+        if keep:
+            print("the VM keeps running: ./ik vms shows how to log in, ./ik vm-stop --name NAME stops it")
+        if not outcome.ok:
+            bad = [r.check.id for r in outcome.runs if not r.result.ok]
+            raise CheckFailed(f"{len(bad)} check(s) did not pass: {', '.join(bad)}",
+                              hint=f"evidence in {outcome.reports['html']}")
 
 
 # --- build, capture, gallery -----------------------------------------------------------------------
@@ -336,11 +339,12 @@ def build(
     """Build an image: base, provision + checks, deprovision, capture (VHD + qcow2), verify boot, register."""
     from pathlib import Path
 
-    from imagekit.build import BuildOptions
+    from imagekit.build import BuildOptions, default_build_report_dir
     from imagekit.build import build as run_build
     from imagekit.config import distros
     from imagekit.core.errors import InputError
     from imagekit.core.versions import Version
+    from imagekit.matrix.result import recording_result
 
     if not distro:
         raise InputError("missing required option --distro", hint="see: invoke distros")
@@ -348,9 +352,11 @@ def build(
         Version.parse(version)  # a bad --version fails here, before any work (build() checks it again)
     vcpus = _vm_size(memory, cpus)
     d = distros.get(distro)
-    result = run_build(d, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
-                                       skip_scan=skip_scan, memory_mib=memory, cpus=vcpus,
-                                       report_dir=Path(report_dir) if report_dir else None))
+    out_dir = Path(report_dir) if report_dir else default_build_report_dir(d.id)
+    with recording_result(out_dir, distro_id=d.id, task="build") as recorded:
+        result = run_build(d, BuildOptions(version=version or None, skip_deprovision=skip_deprovision,
+                                           skip_scan=skip_scan, memory_mib=memory, cpus=vcpus, report_dir=out_dir))
+        recorded.update(version=result.version, image=str(result.path))
     stages = result.manifest.get("timings", {}).get("stages", {})
     for name, seconds in stages.items():
         print(f"  {name:45} {seconds:8.1f} s")
@@ -510,3 +516,103 @@ def bench(c: Context, boot: bool = False, distro: list[str] | None = None, build
     print(render(rows))
     if out is not None:
         write_json_atomic(out, {"benchmark": "capture", "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]})
+
+
+# --- the distro matrix ----------------------------------------------------------------------------
+
+
+@task(help={
+    "distro": "a distro id to run (repeat for several; default: the whole table)",
+    "jobs": "distros at once (default 0: from the host's cores and memory: one per core under TCG, two per core "
+            "with KVM)",
+    "check_only": "provision + checks for each distro, no capture (invoke check instead of invoke build)",
+    "report_dir": "where each distro's reports (<dir>/<distro>/) and the combined report go (default: "
+                  "reports/matrix-<time>/)",
+    "strict": "also exit 1 when a distro was skipped (its image source cannot be reached from here)",
+    "list": "print the selected distros instead of running them",
+    "format": "with --list: text (default), json, or github ({\"include\": [...]} for a GitHub Actions "
+              "strategy.matrix, on one line)",
+    "merge": "build the combined report in --report-dir from these report directories (repeat; each a distro's "
+             "directory holding result.json, or a directory of them), run nothing",
+    "cpus": "vCPUs per VM (default 0: the host's cores shared among the distros that run at once, at most 2)",
+    "memory": "guest memory in MiB per VM",
+    "verbose": "log debug detail",
+}, iterable=["distro", "merge"])
+@_cli
+def matrix(c: Context, distro: list[str] | None = None, jobs: int = 0, check_only: bool = False,
+           report_dir: str = "", strict: bool = False, list: bool = False, format: str = "text",
+           merge: list[str] | None = None, cpus: int = 0, memory: int = 1024, verbose: bool = False) -> None:
+    """Build (or --check-only) every distro of the table, or those given, side by side; one combined report."""
+    import datetime as dt
+    import json as jsonlib
+    from pathlib import Path
+
+    from imagekit.core.errors import InputError
+    from imagekit.matrix import MatrixOptions, github_matrix, list_rows, merge_reports, plan_matrix, run_matrix
+    from imagekit.matrix import select as select_distros
+    from imagekit.matrix.plan import JOBS_MAX
+
+    formats = ("text", "json", "github")
+    if format not in formats:
+        raise InputError(f"--format: bad value {format[:40]!r}; allowed: {', '.join(formats)}")
+    if format != "text" and not list:
+        raise InputError("--format goes with --list")
+    if not 0 <= jobs <= JOBS_MAX:
+        raise InputError(f"--jobs: bad value {jobs}; allowed: 1 to {JOBS_MAX}, or 0 for the default (from the "
+                         "host's cores and memory)")
+    vcpus = _vm_size(memory, cpus)
+    chosen = select_distros(distro or [])
+    if list:
+        if format == "github":
+            print(jsonlib.dumps(github_matrix(chosen), separators=(",", ":")))
+        elif format == "json":
+            print(jsonlib.dumps(list_rows(chosen), indent=1))
+        else:
+            for row in list_rows(chosen):
+                print(f"{row['id']:20} {row['agent']:11} {row['source']:10} "
+                      f"{'needs credentials' if row['needs_credentials'] else ''}")
+        return
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    if merge:
+        if not report_dir:
+            raise InputError("--merge needs --report-dir: the directory the combined report goes to")
+        summary = merge_reports([Path(m) for m in merge], Path(report_dir))
+        _print_matrix_summary(summary, Path(report_dir))
+        _matrix_exit(summary, strict)
+        return
+    out = Path(report_dir) if report_dir else Path("reports") / f"matrix-{stamp}"
+    plan = plan_matrix([d.id for d in chosen], jobs=jobs or None, cpus=vcpus, memory_mib=memory)
+    print(f"matrix: {len(plan.run)} to run, {len(plan.skipped)} skipped; {plan.jobs} at once, {plan.cpus} vCPU "
+          f"per VM ({plan.accel}, {plan.host.cores} cores, {plan.host.mem_available_mib} MiB available); "
+          f"reports in {out}", flush=True)
+    try:
+        run_matrix(plan, MatrixOptions(report_dir=out, check_only=check_only))
+    finally:  # also after Ctrl-C: what ran is reported
+        summary = merge_reports([out], out)
+        _print_matrix_summary(summary, out)
+    _matrix_exit(summary, strict)
+
+
+def _print_matrix_summary(summary: dict[str, Any], out: Any) -> None:
+    rows = [("DISTRO", "RESULT", "VERSION", "ELAPSED", "CHECKS", "REASON")]
+    for r in summary["distros"]:
+        checks = ", ".join(f"{n} {k}" for k, n in sorted(r["checks"].items()))
+        reason = (str(r["reason"]).splitlines() or [""])[0][:80]
+        rows.append((r["distro"], r["status"].upper(), str(r["version"] or "-"),
+                     f"{float(r['elapsed']):.0f} s" if r.get("elapsed") is not None else "-", checks or "-", reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(row[i].ljust(widths[i]) for i in range(5)) + "  " + row[5])
+    t = summary["totals"]
+    print(", ".join(f"{n} {k}" for k, n in t.items()))
+    for name in ("index.html", "junit.xml", "summary.json"):
+        print(f"{name:12} {out / name}")
+
+
+def _matrix_exit(summary: dict[str, Any], strict: bool) -> None:
+    t = summary["totals"]
+    if t.get("failed") or t.get("interrupted"):
+        raise Exit(code=1)
+    if strict and t.get("skipped"):
+        print("imagekit: --strict: skipped distros count as failures", file=sys.stderr)
+        raise Exit(code=1)

@@ -133,6 +133,12 @@ class _VerifyVM:
     timings: dict[str, float]
 
 
+def default_build_report_dir(distro_id: str, stamp: str | None = None) -> Path:
+    """``reports/build-<distro>-<UTC time>/``: where a build's reports go unless told otherwise."""
+    stamp = stamp or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("reports") / f"build-{distro_id}-{stamp}"
+
+
 def _username(role: str) -> str:
     """A fresh user name for the next VM, e.g. ``ikb3fa9c1`` (build) or ``ikv07d2e4`` (verify)."""
     return f"ik{role[0]}{secrets.token_hex(3)}"
@@ -250,7 +256,7 @@ def _plan(d: Distro, opts: BuildOptions) -> _Plan:
     if version is not None:
         gallery.reserve_check(d.id, version)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    report_dir = opts.report_dir or Path("reports") / f"build-{d.id}-{stamp}"
+    report_dir = opts.report_dir or default_build_report_dir(d.id, stamp)
     workdir = opts.workdir or cache_dir() / "builds" / f"{d.id}-{stamp}"
     timings = Timings()
     started = time.monotonic()

@@ -8,6 +8,7 @@ the bad value and what is allowed.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -397,9 +398,18 @@ def load_table(directory: Path = DISTROS_DIR) -> dict[str, Distro]:
     return table
 
 
-@functools.cache
 def default_table() -> dict[str, Distro]:
-    return load_table(DISTROS_DIR)
+    """The table in ``distros/``, or in the directory ``$IMAGEKIT_DISTROS`` names (a table of one's own)."""
+    env = os.environ.get("IMAGEKIT_DISTROS", "").strip()
+    return _table_in(Path(env).resolve() if env else DISTROS_DIR)
+
+
+@functools.cache
+def _table_in(directory: Path) -> dict[str, Distro]:
+    if not directory.is_dir():
+        raise ConfigError(f"IMAGEKIT_DISTROS={str(directory)[:200]!r} is not a directory",
+                          hint="a directory of distro entries (*.toml), like distros/")
+    return load_table(directory)
 
 
 def get(distro_id: str, table: Mapping[str, Distro] | None = None) -> Distro:
