@@ -21,6 +21,7 @@ HOST_PACKAGES=(
   zstd xz-utils bzip2 ca-certificates   # vendor image decompression, downloads
   systemd openssh-client procps         # offline unit enabling, key fingerprints, process checks
   binutils                              # the tests rebuild the KVM probe's payload from its source
+  chromium                              # the tests render the HTML reports in a real browser (headless)
 )
 
 missing_host_packages() {

@@ -257,7 +257,10 @@ def index_html(reports: Sequence[DistroReport], summary: dict[str, Any]) -> str:
     parts.append("<h2>Checks</h2><table id='grid'><thead><tr><th>distro</th><th>result</th>"
                  + "".join(f"<th class='check' title='{e(c)}'>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>")
     for r in reports:
-        parts.append(f"<tr id='row-{e(r.distro)}'><th>{e(r.distro)}</th>"
+        first = next(iter(r.phases), None)
+        name = (f"<a href='{e(_report_link(r, first))}'>{e(r.distro)}</a>" if first else
+                f"<a href='{e(r.distro)}/{RESULT_FILE}'>{e(r.distro)}</a>")
+        parts.append(f"<tr id='row-{e(r.distro)}'><th>{name}</th>"
                      f"<td class='{e(r.status.value)}'>{e(r.status.value)}</td>")
         for c in cols:
             cls, text, link = _cell(r, c)

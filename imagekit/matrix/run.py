@@ -79,6 +79,7 @@ class _Child:
     started: float
     stage: str = "starting"
     reader: threading.Thread | None = None
+    killed: bool = False
 
 
 class _Display:
@@ -211,6 +212,10 @@ def run_matrix(plan: MatrixPlan, opts: MatrixOptions) -> list[Outcome]:
                     stop_at = stop_at or time.monotonic() + STOP_GRACE
                     if time.monotonic() > stop_at:
                         for c in running.values():
+                            if not c.killed:
+                                display.line(c.distro.id, f"== still running {STOP_GRACE:.0f} s after Ctrl-C: "
+                                                          "killed with its process group")
+                                c.killed = True
                             _signal_group(c.proc, signal.SIGKILL)
                 try:
                     distro, raw = lines.get(timeout=0.5)
@@ -228,7 +233,7 @@ def run_matrix(plan: MatrixPlan, opts: MatrixOptions) -> list[Outcome]:
                         display.state(distro, "running", child.stage, child.started)
                     display.line(distro, text)
                     continue
-                outcome = _finish(child)
+                outcome = _finish(child, stopping=stop.is_set())
                 del running[distro]
                 outcomes[distro] = outcome
                 display.state(distro, outcome.status.value, outcome.reason.splitlines()[0] if outcome.reason else
@@ -266,7 +271,7 @@ def _start(d: Distro, report_dir: Path, argv: Sequence[str], lines: queue.Queue[
     return child
 
 
-def _finish(child: _Child) -> Outcome:
+def _finish(child: _Child, stopping: bool) -> Outcome:
     rc = child.proc.wait()
     if child.reader is not None:
         child.reader.join()
@@ -275,11 +280,11 @@ def _finish(child: _Child) -> Outcome:
     res = read_result(child.report_dir)
     i = child.distro.id
     if res is None or res.get("distro") != i:
-        why = f"the {i} run exited with code {rc} and left no {RESULT_FILE}; its output is in " \
-              f"{child.report_dir / OUTPUT_LOG}"
-        _write_lost(child.report_dir, i, why, elapsed, rc)
-        return Outcome(i, Status.INTERRUPTED if rc in (-signal.SIGINT, 130) else Status.FAILED, why, elapsed,
-                       child.stage, child.report_dir, rc, read_result(child.report_dir) or {})
+        how = f"was killed {STOP_GRACE:.0f} s after Ctrl-C" if child.killed else f"exited with code {rc}"
+        why = f"the {i} run {how} and left no {RESULT_FILE}; its output is in {child.report_dir / OUTPUT_LOG}"
+        status = Status.INTERRUPTED if stopping or rc in (-signal.SIGINT, 130) else Status.FAILED
+        _write_lost(child.report_dir, i, status, why, elapsed, rc)
+        return Outcome(i, status, why, elapsed, child.stage, child.report_dir, rc, read_result(child.report_dir) or {})
     try:
         status = Status(str(res.get("status")))
     except ValueError:
@@ -290,10 +295,9 @@ def _finish(child: _Child) -> Outcome:
     return Outcome(i, status, str(res.get("error") or ""), elapsed, child.stage, child.report_dir, rc, res)
 
 
-def _write_lost(report_dir: Path, distro: str, why: str, elapsed: float, rc: int) -> None:
+def _write_lost(report_dir: Path, distro: str, status: Status, why: str, elapsed: float, rc: int) -> None:
     write_json_atomic(report_dir / RESULT_FILE, {
-        "schema": SCHEMA, "distro": distro, "task": "matrix",
-        "status": (Status.INTERRUPTED if rc in (-signal.SIGINT, 130) else Status.FAILED).value,
+        "schema": SCHEMA, "distro": distro, "task": "matrix", "status": status.value,
         "error": why, "started": datetime.now(UTC).isoformat(), "elapsed": elapsed, "stages": [],
         "returncode": rc})
 
