@@ -77,7 +77,7 @@ def sockdir() -> Iterator[Path]:
 
 # The VM lane's modules, longest-running first: xdist hands work out in collection order, so the long
 # builds start at once on separate workers and the short tests fill in around them at the end.
-VM_LANE_ORDER = ("test_build_vm", "test_provision_vm", "test_base_image", "test_base_download",
+VM_LANE_ORDER = ("test_build_vm", "test_provision_vm", "test_matrix_vm", "test_base_image", "test_base_download",
                  "test_capture", "test_vm")
 
 
