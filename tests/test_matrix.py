@@ -272,3 +272,50 @@ def test_default_jobs_follow_cores_and_memory() -> None:
     assert vcpus_per_vm(Host(cores=2, mem_available_mib=0, kvm=False), jobs=2) == 1
     assert vcpus_per_vm(Host(cores=2, mem_available_mib=0, kvm=False), jobs=1) == 2
     assert vcpus_per_vm(Host(cores=16, mem_available_mib=0, kvm=False), jobs=2) == 2
+
+
+_TTY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from tests.test_matrix import _command, _plan
+    from imagekit.matrix import MatrixOptions, run_matrix
+    behaviours, rep, shared = json.loads(sys.argv[1])
+    assert sys.stdout.isatty()
+    run_matrix(_plan(list(behaviours), 2), MatrixOptions(report_dir=Path(rep),
+               command=_command(behaviours, Path(shared))))
+""")
+
+
+def test_on_a_terminal_a_live_table_shows_each_distros_state(tmp_path: Path) -> None:
+    import pty
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    behaviours = {"debian-12": "pass", "debian-13": "fail"}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", _TTY_SCRIPT, json.dumps([behaviours, str(tmp_path / "rep"),
+                                                                            str(shared)])],
+                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "120",
+                                                                           "TERM": "xterm"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "imagekit matrix: 2 to run, 2 at once" in text
+    assert "\x1b[" in text  # the table is redrawn in place (cursor movement), not appended line by line
+    final = text[text.rindex("imagekit matrix: 2 to run"):]
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:4]] for ln in final.splitlines()
+            if ln.count("│") >= 4 and ln.split("│")[1].strip().startswith("debian-")}
+    assert rows["debian-12"][0] == "passed"
+    assert rows["debian-13"][0] == "failed" and "the verify VM did not provision" in rows["debian-13"][1]
+    assert "debian-13 | " in text  # the children's lines still go by, prefixed
