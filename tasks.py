@@ -405,8 +405,13 @@ def images(c: Context, distro: str = "", latest: bool = False, all: bool = False
     rows += [(v.distro, str(v.version), v.status().value, v.end_of_life.isoformat() if v.end_of_life else "-",
               v.registered_at) for v in versions]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
+    print("  ".join(rows[0][i].ljust(widths[i]) for i in range(5)).rstrip())
+    for r, v in zip(rows[1:], versions, strict=True):
         print("  ".join(r[i].ljust(widths[i]) for i in range(5)).rstrip())
+        for p in v.published:  # where invoke publish put it
+            where = p.get("gallery_version_id") or p.get("blob_url")
+            regions = f" ({', '.join(p['regions'])})" if p.get("regions") else ""
+            print(f"  published: {p.get('state')} {where}{regions} at {p.get('published_at')}")
 
 
 @task(
@@ -453,6 +458,84 @@ def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool
     _check_known_distro(g, distro)
     g.remove(distro, version)
     print(f"removed {distro} {version}")
+
+
+@task(
+    help={
+        "distro": "the distro id",
+        "version": "the registered, verified version to publish (Major.Minor.Patch)",
+        "storage_account": "the storage account (3-24 lower-case letters and digits); not needed when "
+                           "AZURE_STORAGE_CONNECTION_STRING is set",
+        "container": "the blob container (3-63 lower-case letters, digits and single '-'); created when missing",
+        "blob_name": "the blob's name (default <distro>-<version>.vhd)",
+        "blob_endpoint": "the blob service URL (default https://<account>.blob.core.windows.net)",
+        "storage_resource_group": "the storage account's resource group (default: --resource-group)",
+        "gallery": "the Azure Compute Gallery (it must exist)",
+        "resource_group": "the gallery's resource group",
+        "image_definition": "the image definition; created when missing (Linux, Generalized, V1)",
+        "subscription": "the subscription id (default $AZURE_SUBSCRIPTION_ID)",
+        "location": "the gallery's region (default: read from the gallery)",
+        "target_region": "a region to replicate to, REGION or REGION=REPLICAS; repeatable (default: the gallery's)",
+        "replica_count": "replicas per region where --target-region gives none (default 1)",
+        "end_of_life": "the version's end-of-life date, YYYY-MM-DD, after today (UTC)",
+        "exclude_from_latest": "exclude the version from 'latest'",
+        "publisher": "the image definition's publisher (default imagekit)",
+        "offer": "its offer (default: the distro's family)",
+        "sku": "its SKU (default: the distro id)",
+        "blob_only": "stop after the verified upload (no gallery step)",
+        "overwrite": "replace an existing blob with other content (otherwise refused)",
+        "workers": "Put Page requests in flight at once (default 8)",
+        "arm_endpoint": "the resource manager's base URL (default $IMAGEKIT_ARM_ENDPOINT or "
+                        "https://management.azure.com)",
+        "dry_run": "print what would be uploaded and the exact gallery requests; touch nothing",
+        "verbose": "log debug detail",
+    },
+    iterable=["target_region"],
+)
+@_cli
+def publish(c: Context, distro: str = "", version: str = "", storage_account: str = "", container: str = "",
+            blob_name: str = "", blob_endpoint: str = "", storage_resource_group: str = "", gallery: str = "",
+            resource_group: str = "", image_definition: str = "", subscription: str = "", location: str = "",
+            target_region: list[str] | None = None, replica_count: int = 1, end_of_life: str = "",
+            exclude_from_latest: bool = False, publisher: str = "imagekit", offer: str = "", sku: str = "",
+            blob_only: bool = False, overwrite: bool = False, workers: int = 8, arm_endpoint: str = "",
+            dry_run: bool = False, verbose: bool = False) -> None:
+    """Publish a version to Azure: the VHD as a page blob (sparse, resumable, verified), then a gallery version."""
+    from imagekit import publish as pub
+    from imagekit.core.errors import InputError
+    from imagekit.gallery import Gallery
+
+    if not (distro and version):
+        raise InputError("--distro and --version are required", hint="see: invoke --help publish")
+    g = Gallery()
+    _check_known_distro(g, distro)
+    opts = pub.PublishOptions(
+        distro=distro, version=version, storage_account=storage_account, container=container, blob_name=blob_name,
+        blob_endpoint=blob_endpoint, storage_resource_group=storage_resource_group, gallery=gallery,
+        resource_group=resource_group, image_definition=image_definition, subscription=subscription,
+        location=location, target_regions=list(target_region or []), replica_count=replica_count,
+        end_of_life=end_of_life, exclude_from_latest=exclude_from_latest, publisher=publisher, offer=offer, sku=sku,
+        blob_only=blob_only, overwrite=overwrite, workers=workers,
+        arm_endpoint=arm_endpoint or os.environ.get("IMAGEKIT_ARM_ENDPOINT") or pub.ARM_ENDPOINT,
+        polling_interval=float(os.environ.get("IMAGEKIT_ARM_POLLING_INTERVAL") or 15),
+    )
+    prepared = pub.prepare(opts, g)
+    if dry_run:
+        print("\n".join(pub.dry_run(prepared)))
+        return
+    res = pub.publish(prepared, gallery=g)
+    up = res.upload
+    if up.already_verified:
+        print(f"blob {up.url}: already uploaded and verified; nothing sent")
+    else:
+        print(f"blob {up.url}: sent {up.sent_bytes} bytes in {up.requests} requests "
+              f"({up.resumed_bytes} bytes were already there) of {up.data_bytes} data bytes in a {up.size}-byte "
+              "file; verified")
+    if res.gallery is not None:
+        verb = "created" if res.gallery.version_created else "already there"
+        print(f"gallery version {res.gallery.version_id}: {res.gallery.state} ({verb}; regions "
+              f"{', '.join(res.gallery.regions)})")
+    print(f"published {distro} {prepared.source.image.version}")
 
 
 def _check_known_distro(gallery: Any, distro: str) -> None:
@@ -615,4 +698,60 @@ def _matrix_exit(summary: dict[str, Any], strict: bool) -> None:
         raise Exit(code=1)
     if strict and t.get("skipped"):
         print("imagekit: --strict: skipped distros count as failures", file=sys.stderr)
+        raise Exit(code=1)
+
+
+# --- bring your own image: an image file from any tool, read offline -------------------------------------------
+
+
+@task(positional=["file"], help={
+    "file": "the image file (qcow2, raw, VHD fixed or dynamic, VMDK, ...: whatever qemu-img reads); never written",
+    "json": "print the same as JSON (one object: image, partition_table, partitions, boot, os, agents, kernels, "
+            "kernel_cmdline, distro, problems, notes)",
+    "verbose": "log debug detail (every command run)",
+})
+@_cli
+def inspect(c: Context, file: str | None = None, json: bool = False, verbose: bool = False) -> None:
+    """Read an image file offline and read-only, never booting it: format, partitions, boot modes, OS, agents,
+    kernels and Hyper-V drivers, kernel command line, the matching distro entry, and what would fail on Azure."""
+    import json as json_mod
+    from pathlib import Path
+
+    from imagekit.core.errors import InputError
+    from imagekit.inspect import inspect_image, render
+
+    if not file:
+        raise InputError("missing the image file: invoke inspect FILE")
+    report = inspect_image(Path(file))
+    print(json_mod.dumps(report, indent=1) if json else render(report))
+
+
+@task(positional=["file"], help={
+    "file": "the image file (qcow2, raw, VHD fixed or dynamic, VMDK, ...: whatever qemu-img reads); never written",
+    "json": "print the findings as JSON (path, format, os, findings: kind, path, detail)",
+    "verbose": "log debug detail (every command run)",
+})
+@_cli
+def scan(c: Context, file: str | None = None, json: bool = False, verbose: bool = False) -> None:
+    """The offline leak scan of an image file from anywhere (what build runs before registering): every finding
+    with its file; exit 1 when something must not ship."""
+    import json as json_mod
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from imagekit.core.errors import InputError
+    from imagekit.inspect import scan_file
+
+    if not file:
+        raise InputError("missing the image file: invoke scan FILE")
+    result = scan_file(Path(file))
+    if json:
+        print(json_mod.dumps({"path": result.path, "format": result.format, "os": result.os,
+                              "findings": [asdict(f) for f in result.findings]}, indent=1))
+    else:
+        print(f"{result.path}: {result.format}, {result.os or 'unknown OS'}")
+        for f in result.findings:
+            print(f"  {f.kind:<16} {f.path}: {f.detail}")
+        print(f"{len(result.findings)} finding(s): this image must not ship" if result.findings else "no findings")
+    if result.findings:
         raise Exit(code=1)

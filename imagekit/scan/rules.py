@@ -119,9 +119,16 @@ def _decompressed(path: Path, data: bytes) -> bytes:
 
 
 def scan_tree(root: Path, inp: ScanInput) -> list[Finding]:
-    """Every leak found under ``root`` (the image's ``/``)."""
+    """Every leak found under ``root`` (the image's ``/``).
+
+    Besides the names in ``inp`` (the build VM's, when the build scans its own capture), the names of the
+    users the image itself shows to be left over are searched for: regular accounts, homes and sudoers rules
+    (a scan of a file from elsewhere knows no names)."""
+    inp = ScanInput(usernames=sorted(set(inp.usernames) | set(leftover_users(root))), hostnames=inp.hostnames,
+                    password=inp.password)
     f: list[Finding] = []
     f += _users(root, inp)
+    f += _sudoers(root)
     f += _homes(root)
     f += _host_keys(root)
     f += _waagent(root)
@@ -139,11 +146,8 @@ def scan_tree(root: Path, inp: ScanInput) -> list[Finding]:
 
 def _users(root: Path, inp: ScanInput) -> list[Finding]:
     out = []
-    passwd = _read(_p(root, "/etc/passwd")).decode(errors="replace")
-    for line in passwd.splitlines():
-        parts = line.split(":")
-        if len(parts) >= 7 and parts[2].isdigit() and 1000 <= int(parts[2]) < 60000:
-            out.append(Finding("user", "/etc/passwd", f"regular user account {parts[0]!r} (uid {parts[2]})"))
+    for name, uid in _regular_accounts(root):
+        out.append(Finding("user", "/etc/passwd", f"regular user account {name!r} (uid {uid})"))
     for name in inp.usernames:
         for rel in ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow", "/etc/subuid", "/etc/subgid"):
             for line in _read(_p(root, rel)).decode(errors="replace").splitlines():
@@ -162,6 +166,70 @@ def _users(root: Path, inp: ScanInput) -> list[Finding]:
     return out
 
 
+SUDO_GROUPS = ("sudo", "wheel", "admin")
+_SUDOERS_SKIP = re.compile(r"^(Defaults\b|(User|Runas|Host|Cmnd)_Alias\b|[@#]include(dir)?\b)")
+_NAME = re.compile(r"^[a-z_][a-z0-9_.-]*\$?$", re.IGNORECASE)
+
+
+def _regular_accounts(root: Path) -> list[tuple[str, int]]:
+    out = []
+    for line in _read(_p(root, "/etc/passwd")).decode(errors="replace").splitlines():
+        parts = line.split(":")
+        if len(parts) >= 7 and parts[2].isdigit() and 1000 <= int(parts[2]) < 60000:
+            out.append((parts[0], int(parts[2])))
+    return out
+
+
+def _sudoers_files(root: Path) -> list[Path]:
+    files = [_p(root, "/etc/sudoers")]
+    d = _p(root, "/etc/sudoers.d")
+    if d.is_dir() and not d.is_symlink():
+        files += sorted(p for p in d.iterdir() if "." not in p.name and not p.name.endswith("~"))
+    return [p for p in files if _is_file(p)]
+
+
+def _sudoers_rules(root: Path) -> list[tuple[Path, str, str]]:
+    """(file, user, line) for each sudoers rule that names a user (not a %group) other than root."""
+    out = []
+    for p in _sudoers_files(root):
+        for line in _read(p).decode(errors="replace").splitlines():
+            text = line.strip()
+            if not text or _SUDOERS_SKIP.match(text) or text.startswith("#"):
+                continue
+            subject = text.split(None, 1)[0].rstrip(",")
+            for user in subject.split(","):
+                if user and not user.startswith(("%", "+", "#")) and user not in ("root", "ALL") \
+                        and _NAME.match(user):
+                    out.append((p, user, text))
+    return out
+
+
+def leftover_users(root: Path) -> list[str]:
+    """Users the image shows to be left over from the VM it was made on, without being told their names:
+    regular accounts (uid 1000 to 59999), directories in /home, users named by a sudoers rule."""
+    names = {name for name, _ in _regular_accounts(root)}
+    home = _p(root, "/home")
+    if home.is_dir() and not home.is_symlink():
+        names |= {e.name for e in home.iterdir() if e.name != "lost+found" and _NAME.match(e.name)}
+    names |= {user for _, user, _ in _sudoers_rules(root)}
+    return sorted(names)
+
+
+def _sudoers(root: Path) -> list[Finding]:
+    out = []
+    for p, user, line in _sudoers_rules(root):
+        nopasswd = " without a password (NOPASSWD)" if "NOPASSWD" in line else ""
+        out.append(Finding("user", _abs(root, p), f"a sudoers rule for the user {user!r}{nopasswd}"))
+    for line in _read(_p(root, "/etc/group")).decode(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) > 3 and fields[0] in SUDO_GROUPS:
+            for member in fields[3].split(","):
+                if member.strip() and member.strip() != "root":
+                    out.append(Finding("user", "/etc/group", f"{member.strip()!r} is a member of the "
+                                       f"administrators' group {fields[0]!r}"))
+    return out
+
+
 def _homes(root: Path) -> list[Finding]:
     out = []
     home = _p(root, "/home")
@@ -169,7 +237,9 @@ def _homes(root: Path) -> list[Finding]:
         for entry in sorted(home.iterdir()):
             if entry.name == "lost+found" and _empty_dir(entry):
                 continue  # mke2fs's own, when /home is a file system of its own
-            out.append(Finding("home", _abs(root, entry), "a home directory left in the image"))
+            keys = [n for n in ("authorized_keys", "authorized_keys2") if _is_file(entry / ".ssh" / n)]
+            held = f" (with .ssh/{', .ssh/'.join(keys)}: SSH keys that log in to every VM made from it)" if keys else ""
+            out.append(Finding("home", _abs(root, entry), f"a home directory left in the image{held}"))
     for rel in ("/root/.ssh/authorized_keys", "/root/.ssh/authorized_keys2"):
         p = _p(root, rel)
         if _is_file(p) and p.stat().st_size:
