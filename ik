@@ -21,12 +21,17 @@ HOST_PACKAGES=(
   zstd xz-utils bzip2 ca-certificates   # vendor image decompression, downloads
   systemd openssh-client procps         # offline unit enabling, key fingerprints, process checks
   binutils                              # the tests rebuild the KVM probe's payload from its source
+)
+# What only the test suite needs (./ik test installs these too): a real browser for the HTML reports. Kept
+# apart so that the tasks set up on hosts whose package names differ (Ubuntu has no `chromium` deb).
+TEST_HOST_PACKAGES=(
   chromium                              # the tests render the HTML reports in a real browser (headless)
 )
+wanted_packages=("${HOST_PACKAGES[@]}")
 
 missing_host_packages() {
   local p missing=()
-  for p in "${HOST_PACKAGES[@]}"; do
+  for p in "${wanted_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
       missing+=("$p")
     fi
@@ -36,7 +41,7 @@ missing_host_packages() {
 
 setup_host() {
   if ! command -v dpkg-query >/dev/null; then
-    echo "imagekit: this set-up needs a Debian-based host (dpkg and apt-get); install by hand: ${HOST_PACKAGES[*]}" >&2
+    echo "imagekit: this set-up needs a Debian-based host (dpkg and apt-get); install by hand: ${wanted_packages[*]}" >&2
     exit 2
   fi
   local missing
@@ -74,6 +79,7 @@ cmd=${1:-}
 case "$cmd" in
   setup) setup ;;
   test)
+    wanted_packages+=("${TEST_HOST_PACKAGES[@]}")
     setup
     export PATH="$here/.venv/bin:$PATH"
     echo "== ruff" && ruff check imagekit tests tasks.py
