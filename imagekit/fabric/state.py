@@ -267,7 +267,7 @@ class FabricState:
                     return outcome
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ReadyTimeout(self._timeout_message(timeout))
+                    raise ReadyTimeout(self.ready_timeout_message(timeout))
                 self._cond.wait(remaining)
 
     def wait_for_request(self, service: Service, path_prefix: str, timeout: float) -> RequestRecord:
@@ -296,7 +296,8 @@ class FabricState:
             f"last reported state: {last if last is not None else 'none'}"
         )
 
-    def _timeout_message(self, timeout: float) -> str:
+    def ready_timeout_message(self, timeout: float) -> str:
+        """What a wait of ``timeout`` seconds for Ready ended with: what was and was not received."""
         return f"the guest agent did not report Ready within {timeout:g} s: " + self._summary()
 
     def _seen(self, service: Service, prefix: str) -> bool:

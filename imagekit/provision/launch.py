@@ -135,8 +135,9 @@ def _wait_ready(vm: VM, fabric: Fabric, timeout: float) -> ReportedState:
             raise ProvisioningError(f"VM {vm.name}: {exc.message}", console_tail=vm.console_tail(),
                                     hint=f"full console log: {vm.console_log}") from exc
         except ReadyTimeout as exc:
-            if remaining <= 0:
-                raise ProvisioningError(f"VM {vm.name}: {exc.message}", console_tail=vm.console_tail(),
+            if remaining <= 0:  # the message names the whole wait, not the last one-second slice of it
+                raise ProvisioningError(f"VM {vm.name}: {fabric.state.ready_timeout_message(timeout)}",
+                                        console_tail=vm.console_tail(),
                                         hint=f"full console log: {vm.console_log}") from exc
 
 
