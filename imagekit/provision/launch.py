@@ -124,10 +124,56 @@ def _make_overlay(base: Path, overlay: Path) -> None:
          os.fspath(overlay)])
 
 
-def _wait_ready(vm: VM, fabric: Fabric, timeout: float) -> ReportedState:
+# waagent's daemon catches any exception, logs it as an UnhandledError event with the traceback, and
+# restarts itself 15 s later, forever (azurelinuxagent/daemon/main.py): on Azure that is a provisioning
+# timeout. The same exception this many times in a row is taken as that loop.
+CRASH_LOOP_REPEATS = 3
+CRASH_SCAN_BYTES = 256 * 1024  # the console's tail that is searched (the guest writes the console)
+_DAEMON_RESTART = "Daemon ended with exception -- Sleep 15 seconds and restart daemon"
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\|\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?)\s*$")
+
+
+def agent_crash_loop(console: str, repeats: int = CRASH_LOOP_REPEATS) -> str | None:
+    """The exception waagent's daemon keeps dying of, if its last ``repeats`` restarts on the console all
+    followed the same exception; else None."""
+    crashes: list[str] = []
+    last_exception = ""
+    for line in console.splitlines():
+        m = _EXCEPTION_LINE.match(line)
+        if m:
+            last_exception = m.group(1)[:300]
+        elif _DAEMON_RESTART in line:
+            crashes.append(last_exception)
+            last_exception = ""
+    tail = crashes[-repeats:]
+    if len(tail) == repeats and tail[0] and all(c == tail[0] for c in tail):
+        return tail[0]
+    return None
+
+
+def _console_tail_bytes(vm: VM, limit: int = CRASH_SCAN_BYTES) -> str:
+    try:
+        with vm.console_log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            return f.read(limit).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_ready(vm: VM, fabric: Fabric, timeout: float, *, watch_crashes: bool = False) -> ReportedState:
     deadline = time.monotonic() + timeout
+    next_scan = time.monotonic() + 5.0
     while True:
         vm.check()
+        if watch_crashes and time.monotonic() >= next_scan:
+            next_scan = time.monotonic() + 5.0
+            crash = agent_crash_loop(_console_tail_bytes(vm))
+            if crash is not None:
+                raise ProvisioningError(
+                    f"VM {vm.name}: waagent's daemon keeps crashing ({CRASH_LOOP_REPEATS} restarts in a row, each "
+                    f"after the same exception: {crash}); it would never report Ready, which on Azure is a "
+                    "provisioning timeout", console_tail=vm.console_tail(),
+                    hint=f"the agent's traceback is in the console log: {vm.console_log}")
         remaining = deadline - time.monotonic()
         try:
             return fabric.wait_for_ready(max(0.0, min(1.0, remaining)))
@@ -218,7 +264,7 @@ def _guest_network(fabric: Fabric, sockdir: Path, mac: str, hostname: str) -> Gu
 
 def _wait_provisioned(vm: VM, fabric: Fabric, distro: Distro, timeout: float) -> ReportedState:
     """Post-launch: the agent's Ready report (or its own failure), and for waagent proof it provisioned."""
-    ready = _wait_ready(vm, fabric, timeout)
+    ready = _wait_ready(vm, fabric, timeout, watch_crashes=distro.agent is Agent.WAAGENT)
     if distro.agent is Agent.WAAGENT:
         _check_waagent_provisioned(vm, fabric)
     vm.mark("ready")
