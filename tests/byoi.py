@@ -221,14 +221,15 @@ def convert(raw: Path, fmt: str, out: Path) -> Path:
     return out
 
 
-def debugfs(disk: Path, offset_mib: int, *commands: str) -> None:
+def debugfs(disk: Path, offset_mib: int, *commands: str, missing_ok: bool = False) -> None:
     """Change files in an ext4 root offline (``debugfs -w``), for a variant that differs in a few files."""
     script = disk.parent / f"{disk.name}.debugfs"
     script.write_text("\n".join(commands) + "\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(script), f"{disk}?offset={offset_mib * MIB}"],
                          capture_output=True, text=True, check=True)
     script.unlink()
-    errors = [ln for ln in res.stderr.splitlines() if not ln.startswith("debugfs ")]
+    errors = [ln for ln in res.stderr.splitlines() if not ln.startswith("debugfs ")
+              and not (missing_ok and "File not found by ext2_lookup" in ln)]
     assert not errors, errors
 
 
@@ -238,3 +239,67 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+DISKS_RECIPE = 1
+GPT_ROOT_MIB = 1 + ESP_MIB  # where the GPT image's root starts
+AZURE_DS = "datasource_list: [ Azure ]\n"
+
+
+def base_disks() -> dict[str, Path]:
+    """Two images of the tree, cached beside it (read them, or copy them to change): ``gpt`` (UEFI only,
+    cloud-init provisions with the Azure datasource) and ``mbr`` (BIOS only, waagent provisions, cloud-init
+    disabled). Built once per tree, under a lock."""
+    tree = debian_tree()
+    top = tree.parent / f"disks-{tree.name.removeprefix('tree-')}-{DISKS_RECIPE}"
+    with _locked(tree.parent / ".disks.lock"):
+        if not (top / ".complete").is_file():
+            tmp = tree.parent / f"disks-building-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            root = copy_tree(tree, tmp / "root")
+            write(root, "/etc/cloud/cloud.cfg.d/90_azure.cfg", AZURE_DS)
+            gpt_uefi_disk(root, tmp / "gpt.raw", tmp)
+            conf = (root / "etc/waagent.conf").read_text().replace("Provisioning.Agent=cloud-init",
+                                                                   "Provisioning.Agent=waagent")
+            write(root, "/etc/waagent.conf", conf)
+            write(root, "/etc/cloud/cloud-init.disabled", "")
+            mbr_bios_disk(root, tmp / "mbr.raw")
+            shutil.rmtree(root)
+            for f in ("gpt.raw", "mbr.raw"):
+                (tmp / f).chmod(0o444)
+            (tmp / ".complete").write_text("")
+            shutil.rmtree(top, ignore_errors=True)
+            tmp.rename(top)
+    return {"gpt": top / "gpt.raw", "mbr": top / "mbr.raw"}
+
+
+def sparse_copy(src: Path, dest: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
+    dest.chmod(0o644)
+    return dest
+
+
+def put(disk: Path, offset_mib: int, files: dict[str, str | bytes], remove: tuple[str, ...] = (),
+        mkdirs: tuple[str, ...] = ()) -> None:
+    """Remove ``remove``, make ``mkdirs`` and write ``files`` (absolute paths) in the ext4 root."""
+    if remove or mkdirs:
+        debugfs(disk, offset_mib, *[f"rm {p}" for p in remove], *[f"mkdir {d}" for d in mkdirs])
+    cmds = []
+    staged = disk.parent / f"{disk.name}.files"
+    staged.mkdir(exist_ok=True)
+    for i, (path, data) in enumerate(files.items()):
+        local = staged / str(i)
+        local.write_bytes(data.encode() if isinstance(data, str) else data)
+        local.chmod(0o644)
+        parent, name = path.rsplit("/", 1)
+        cmds += [f"cd {parent or '/'}", f"rm {name}", f"write {local} {name}"]
+    if cmds:
+        debugfs(disk, offset_mib, *cmds, missing_ok=True)
+    shutil.rmtree(staged)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
