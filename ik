@@ -6,7 +6,7 @@
 #   ./ik setup                only set up: host packages (apt-get, as root) and the Python env (.venv)
 #   ./ik TASK [ARGS]          set up, then run any invoke task (./ik --list shows them)
 # Set-up that is already done is not redone: host packages are checked with dpkg-query, the virtual
-# environment is rebuilt only when pyproject.toml changes.
+# environment is rebuilt only when pyproject.toml changes, node_modules only when package-lock.json does.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
@@ -72,7 +72,30 @@ setup_python() {
   echo "$want" > "$stamp"
 }
 
-setup() { setup_host; setup_python; }
+setup_node() {
+  # Azurite (the Azure Storage emulator the publish tests upload to) from package.json / package-lock.json,
+  # reinstalled only when the lock file changes.
+  local stamp=node_modules/.imagekit-setup want
+  want=$(sha256sum package-lock.json | cut -d' ' -f1)
+  if [ -x node_modules/.bin/azurite-blob ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  if ! command -v npm >/dev/null; then
+    # Node is looked for as a command, not a package: it is often installed outside dpkg.
+    if [ "$(id -u)" != 0 ]; then
+      echo "imagekit: npm is missing (Node.js 18 or later; the publish tests run Azurite)" >&2
+      echo "imagekit: install it as root:  sudo apt-get install -y nodejs npm" >&2
+      exit 2
+    fi
+    echo "imagekit: installing host packages: nodejs npm" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  echo "imagekit: installing the Node tools (Azurite) in node_modules" >&2
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null
+  echo "$want" > "$stamp"
+}
+
+setup() { setup_host; setup_python; setup_node; }
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift
