@@ -213,3 +213,31 @@ def test_every_leak_kind_is_found_without_names(scan_images: dict[str, Path], ca
     want = {(LEAKS[n][1], LEAKS[n][2]) for n in NAMELESS_LEAKS}
     want |= {("machine-id", "/var/lib/dbus/machine-id"), ("fstab", "/etc/fstab"), ("filesystem", "/")}
     assert want <= found, sorted(want - found)
+
+
+@pytest.mark.vm
+@needs_root_tools
+def test_ctrl_c_while_converting_leaves_nothing_behind(scan_images: dict[str, Path], cache: Path) -> None:
+    """Ctrl-C during the raw copy of a qcow2: exit 130, the private directory with the copy is gone, nothing
+    stays mounted, the input is unchanged."""
+    import signal
+    import time
+
+    image = scan_images["gpt-qcow2"]
+    before = byoi.sha256(image)
+    env = {**os.environ, "IMAGEKIT_CACHE": str(cache)}
+    proc = subprocess.Popen([str(INVOKE), "scan", str(image)], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+    while not list((cache / "inspect").glob("run-*/disk.raw")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the whole foreground group
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    assert "imagekit: interrupted; cleaned up" in err and "Traceback" not in err
+    assert not list((cache / "inspect").glob("run-*"))
+    assert str(cache) not in Path("/proc/self/mountinfo").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    assert str(cache) not in loops
+    assert byoi.sha256(image) == before
