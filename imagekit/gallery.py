@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ class ImageVersion:
     exclude_from_latest: bool = False
     end_of_life: dt.date | None = None
     removed_at: str | None = None
+    # where ``invoke publish`` put it (see Gallery.record_publication); dicts, so left out of hash and ==
+    published: tuple[dict[str, Any], ...] = field(default=(), hash=False, compare=False)
 
     def status(self, today: dt.date | None = None) -> Status:
         day = today or dt.datetime.now(dt.UTC).date()
@@ -88,7 +90,7 @@ class ImageVersion:
             "distro": self.distro, "version": str(self.version), "status": self.status(today).value,
             "registered_at": self.registered_at, "exclude_from_latest": self.exclude_from_latest,
             "end_of_life": self.end_of_life.isoformat() if self.end_of_life else None,
-            "removed_at": self.removed_at, "path": str(self.path),
+            "removed_at": self.removed_at, "path": str(self.path), "published": [dict(p) for p in self.published],
         }
 
 
@@ -258,6 +260,7 @@ class Gallery:
                     distro=d, version=ver, path=self.root / d / str(ver), registered_at=e.get("registered_at", ""),
                     exclude_from_latest=bool(e.get("exclude_from_latest")), end_of_life=eol,
                     removed_at=e.get("removed_at"),
+                    published=tuple(p for p in e.get("published", []) if isinstance(p, dict)),
                 ))
         out.sort(key=lambda iv: (iv.distro, tuple(-x for x in (iv.version.major, iv.version.minor,
                                                                iv.version.patch))))
@@ -372,6 +375,23 @@ class Gallery:
                 raise InputError(f"{distro} {iv.version} was removed")
             entry["end_of_life"] = end_of_life.isoformat()
             entry["exclude_from_latest"] = exclude_from_latest
+            self._write_index(state)
+        return self.get(distro, iv.version)
+
+    def record_publication(self, distro: str, version: Version | str, record: dict[str, Any]) -> ImageVersion:
+        """Record where a version was published (blob URL, gallery version id, regions, state, time). A record
+        for the same ``key`` (the blob URL and the gallery version id) replaces the earlier one, so publishing
+        again does not pile up entries."""
+        iv = self.get(distro, version)
+        key = record.get("key")
+        with self._locked():
+            state = self._state()
+            entry = state["distros"][distro][str(iv.version)]
+            if entry.get("removed_at"):
+                raise InputError(f"{distro} {iv.version} was removed")
+            records = [p for p in entry.get("published", []) if isinstance(p, dict) and p.get("key") != key]
+            records.append(dict(record))
+            entry["published"] = records
             self._write_index(state)
         return self.get(distro, iv.version)
 
