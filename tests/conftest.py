@@ -85,15 +85,19 @@ VM_LANE_ORDER = ("test_build_vm", "test_provision_vm", "test_matrix_vm", "test_b
 # parameter must run on one worker, or each worker would set it up (boot the VM) again.
 SHARED_PER_PARAMETER = ("tests/test_provision_vm.py", "tests/test_base_image.py")
 _PARAM = re.compile(r"\[([^\]]*)\]$")
+# Modules whose tests all share module-scoped disk images: the whole module is one unit of work.
+SHARED_PER_MODULE = ("tests/test_inspect.py", "tests/test_scan_file.py")
 
 
 def vm_scope(nodeid: str) -> str:
     """The unit of work a test goes to a worker in: ``module[param]`` for the parametrized tests of
-    :data:`SHARED_PER_PARAMETER`, else the test alone."""
+    :data:`SHARED_PER_PARAMETER`, the module for :data:`SHARED_PER_MODULE`, else the test alone."""
     module = nodeid.split("::", 1)[0]
     m = _PARAM.search(nodeid)
     if module in SHARED_PER_PARAMETER and m:
         return f"{module}[{m.group(1)}]"
+    if module in SHARED_PER_MODULE:
+        return module
     return nodeid
 
 

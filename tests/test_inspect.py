@@ -257,3 +257,26 @@ def test_bad_input_is_one_clear_line_and_the_file_is_untouched(bad_inputs: dict[
     if before is not None:
         assert byoi.sha256(path) == before
     assert not list((cache / "inspect").glob("run-*"))
+
+
+@pytest.mark.parametrize("distro_id", ["debian-12", "debian-12-cloudinit"])
+def test_imagekits_own_base_image_matches_its_entry_with_no_problems(cache: Path, distro_id: str) -> None:
+    """The base builder's images provision on the emulated platform (test_provision_vm): inspect must find
+    nothing wrong with them and name their own entry."""
+    from imagekit.base import ensure_base
+    from imagekit.config import distros
+
+    d = distros.get(distro_id)
+    img = ensure_base(d)  # cached by the base image tests
+    r = inspect_json(cache, img.path)
+    assert r["distro"] == {"id": distro_id, "exact": True,
+                           "why": f"family debian, version 12, agent {d.agent.value}"}
+    assert r["problems"] == []
+    assert r["boot"]["modes"] == ["bios"] and r["partition_table"] == "dos"
+    assert r["kernels"][0]["version"] == img.kernel and r["kernels"][0]["hyperv_ok"] is True
+    assert r["kernel_cmdline"]["cmdline"].endswith(" ".join(d.kernel_cmdline))
+    if d.agent is distros.Agent.CLOUD_INIT:
+        assert r["agents"]["cloud_init"]["datasource_list"] == ["Azure"]
+        assert r["agents"]["cloud_init"]["datasource_list_from"] == "/etc/cloud/cloud.cfg.d/90_azure_datasource.cfg"
+    else:
+        assert r["agents"]["waagent"]["settings"]["Provisioning.Agent"] == "waagent"

@@ -50,6 +50,9 @@ CLOUD_CFGS = {
     "flow over lines": "datasource_list: [ NoCloud, ConfigDrive,\n   Azure, None ]\nother: 1\n",
     "block": "# Written by a tool\ndatasource_list:\n  - Azure\n  # a comment in between\n  - None\nreporting: {}\n",
     "json": '{\n  "datasource_list": [\n    "Azure"\n  ]\n}\n',
+    "json after a comment": "# Written by imagekit from the distro table.\n"
+                            '{\n  "datasource_list": [\n    "Azure"\n  ]\n}\n',
+    "yaml flow mapping": "{datasource_list: [ Azure, None ], datasource: {}}\n",
     "json without": '{"datasource": {"Azure": {"apply_network_config": false}}}',
     "none": "datasource:\n  Azure:\n    apply_network_config: false\n",
     "the last of two": "datasource_list: [ NoCloud ]\ndatasource_list: [ Azure ]\n",

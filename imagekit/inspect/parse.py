@@ -77,15 +77,18 @@ def datasource_list(text: str) -> list[str] | None:
     """
     import json
 
-    stripped = text.strip()
-    if stripped.startswith("{"):
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")).strip()
+    if body.startswith("{"):
         try:
-            doc = json.loads(stripped)
+            doc = json.loads(body)
         except ValueError:
             doc = None
         if isinstance(doc, dict):
             value = doc.get("datasource_list")
             return [str(x) for x in value] if isinstance(value, list) else None
+        # a YAML flow mapping: {datasource_list: [Azure, None], ...}
+        m = re.search(r"""[{,]\s*["']?datasource_list["']?\s*:\s*(\[[^\]]*\])""", body)
+        return _flow_items(" ".join(m.group(1).split())) if m else None
     lines = text.splitlines()
     found: list[str] | None = None
     i = 0

@@ -145,7 +145,7 @@ def probe(path: Path) -> ImageInfo:
     """What the file is: format, VHD sub-format, virtual size (read-only; a bad file is an InputError)."""
     require("qemu-img")
     st = check_path(path)
-    res = run(["qemu-img", "info", "--output=json", path], check=False)
+    res = run(["qemu-img", "info", "-U", "--output=json", path], check=False)  # -U: also while a VM has it open
     if res.returncode != 0:
         msg = _first_line(res.stderr).removeprefix("qemu-img: ")
         raise _bad(path, f"not readable as a disk image: qemu-img says: {msg}")
