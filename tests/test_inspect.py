@@ -90,7 +90,7 @@ def inspect_json(cache: Path, image: Path) -> dict[str, Any]:
 
 GPT_PARTITIONS = [
     {"number": 1, "offset": 1 * MIB, "size": 64 * MIB, "type_name": "EFI System", "fstype": "vfat", "label": "ESP",
-     "mounted_at": ""},
+     "mounted_at": "/boot/efi"},  # by the fstab's UUID=1234-ABCD (read, not mounted: FAT is read in user space)
     {"number": 2, "offset": 65 * MIB, "size": 1280 * MIB, "type_name": "Linux filesystem", "fstype": "ext4",
      "label": "byoi-root", "mounted_at": "/"},
 ]

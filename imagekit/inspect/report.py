@@ -20,7 +20,7 @@ from imagekit.core.errors import HostError, InputError
 from imagekit.core.paths import REPO_ROOT
 from imagekit.core.run import require, run
 from imagekit.inspect import fat, parse
-from imagekit.inspect.source import ALLOWED, BIOS_BOOT_TYPE, MIB, RawDisk, open_disk
+from imagekit.inspect.source import ALLOWED, BIOS_BOOT_TYPE, MIB, Part, RawDisk, open_disk
 
 FAMILIES = {"debian": "debian", "ubuntu": "ubuntu", "rhel": "rhel", "centos": "rhel", "fedora": "rhel",
             "almalinux": "rhel", "rocky": "rhel", "ol": "rhel", "sles": "suse", "opensuse-leap": "suse",
@@ -342,6 +342,19 @@ def _diagnose(r: dict[str, Any]) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+def _mounted_at(p: Part, facts: dict[str, Any]) -> str:
+    """Where the image's fstab mounts the partition ("/" for the root), or ""."""
+    from imagekit.scan.image import Partition, fstab_mounts, matches
+
+    if p.number == facts.get("root"):
+        return "/"
+    for mountpoint, n in facts.get("mounted", {}).items():
+        if n == p.number:
+            return str(mountpoint)
+    part = Partition(p.offset, p.size, p.fstype, p.uuid, p.label, p.partuuid)
+    return next((m for src, m in fstab_mounts(facts.get("fstab", "")) if matches(src, part)), "")
+
+
 def inspect_image(path: Path, workdir: Path | None = None) -> dict[str, Any]:
     """Everything :mod:`imagekit.inspect` reports about ``path`` (JSON-ready)."""
     _need_root()
@@ -358,10 +371,7 @@ def inspect_image(path: Path, workdir: Path | None = None) -> dict[str, Any]:
                       "virtual_size": info.virtual_size, "file_size": info.file_size,
                       "whole_mib": info.virtual_size % MIB == 0, "azure_ready": info.azure_ready},
             "partition_table": disk.table or "none",
-            "partitions": [{**p.as_dict(), "mounted_at": next((m for m, n in facts.get("mounted", {}).items()
-                                                               if n == p.number), "/" if p.number == facts["root"]
-                                                              else "")}
-                           for p in disk.parts],
+            "partitions": [{**p.as_dict(), "mounted_at": _mounted_at(p, facts)} for p in disk.parts],
             "boot": _boot(disk, efi),
             "os": {k: osr.get(k, "") for k in ("ID", "VERSION_ID", "PRETTY_NAME", "ID_LIKE")},
             "agents": agents,
