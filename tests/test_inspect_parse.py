@@ -309,3 +309,18 @@ def test_a_dead_runs_directory_is_removed_by_the_next_run(tmp_path: Path) -> Non
     with pytest.raises(InputError), source.open_disk(text, work):
         pass
     assert not dead.exists()
+
+
+def test_no_linux_root_names_what_was_found_and_that_lvm_is_not_read(tmp_path: Path) -> None:
+    info = source.ImageInfo(str(tmp_path / "rhel.qcow2"), "qcow2", "", 64 << 30, 1 << 30)
+    disk = source.RawDisk(info, tmp_path / "disk.raw", 64 << 30, "raw", "gpt", [
+        source.Part(1, 1 << 20, 200 << 20, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "vfat"),
+        source.Part(2, 201 << 20, 1 << 30, "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "xfs"),
+        source.Part(3, 1225 << 20, 60 << 30, "E6D6D379-F507-44C2-A23C-238F2A3DF928", "LVM2_member")])
+    with pytest.raises(InputError) as exc:
+        report.require_linux_root(disk, {"root": None, "errors": {}})
+    assert str(exc.value) == (
+        f"{tmp_path}/rhel.qcow2: no Linux root file system found (found: vfat (partition 1), xfs (partition 2), "
+        "LVM2_member (partition 3); LVM, LUKS and RAID members are not read: their file systems are not seen); "
+        f"allowed: {source.ALLOWED} (a file system with /etc/os-release)")
+    report.require_linux_root(disk, {"root": 2})  # a root found: no error

@@ -84,6 +84,8 @@ def require_linux_root(disk: RawDisk, facts: dict[str, Any]) -> None:
     fs = ", ".join(f"{p.fstype or 'no file system'} ({'partition ' + str(p.number) if p.number else 'whole disk'})"
                    for p in disk.parts)
     errors = "; ".join(f"partition {n}: {e}" for n, e in facts.get("errors", {}).items())
+    if any(p.fstype in ("LVM2_member", "crypto_LUKS", "linux_raid_member") for p in disk.parts):
+        errors += ("; " if errors else "") + "LVM, LUKS and RAID members are not read: their file systems are not seen"
     raise InputError(f"{disk.info.path}: no Linux root file system found (found: {fs}"
                      + (f"; {errors}" if errors else "")
                      + f"); allowed: {ALLOWED} (a file system with /etc/os-release)")
