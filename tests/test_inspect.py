@@ -280,3 +280,59 @@ def test_imagekits_own_base_image_matches_its_entry_with_no_problems(cache: Path
         assert r["agents"]["cloud_init"]["datasource_list_from"] == "/etc/cloud/cloud.cfg.d/90_azure_datasource.cfg"
     else:
         assert r["agents"]["waagent"]["settings"]["Provisioning.Agent"] == "waagent"
+
+
+def test_rhel_family_layout_xfs_root_bls_entry_dracut_initramfs(tmp_path: Path, cache: Path) -> None:
+    """A RHEL-family layout (GPT with BIOS boot and EFI system partitions, xfs root, a BLS entry for the
+    command line, dracut's initramfs name with xz modules, the waagent.service unit, Provisioning.Agent=auto),
+    built from a hand-made tree: family, version and agent find almalinux-9. Its empty EFI system partition
+    and MBR without boot code leave it no boot mode."""
+    from tests.test_inspect_parse import EARLY, newc
+    from tests.test_leakscan import make_gpt_xfs_disk
+
+    kver = "5.14.0-427.13.1.el9_4.x86_64"
+    root = tmp_path / "root"
+    w = byoi.write
+    w(root, "/etc/os-release", 'NAME="AlmaLinux"\nVERSION="9.4 (Seafoam Ocelot)"\nID="almalinux"\n'
+      'ID_LIKE="rhel centos fedora"\nVERSION_ID="9.4"\nPRETTY_NAME="AlmaLinux 9.4 (Seafoam Ocelot)"\n')
+    w(root, "/etc/fstab", "UUID=1234 / xfs defaults 0 0\n")
+    w(root, "/usr/sbin/waagent", "#!/usr/bin/python3\n", 0o755)
+    w(root, "/etc/waagent.conf", "Provisioning.Agent=auto\nResourceDisk.Format=n\nResourceDisk.EnableSwap=n\n")
+    w(root, "/usr/bin/cloud-init", "#!/usr/bin/python3\n", 0o755)
+    w(root, "/etc/cloud/cloud.cfg", "datasource_list: [ NoCloud, None ]\n")
+    w(root, "/etc/cloud/cloud.cfg.d/91-azure_datasource.cfg", "datasource_list: [ Azure ]\n")
+    for unit, target in (("waagent.service", "multi-user.target"), ("cloud-init.service", "cloud-init.target"),
+                         ("cloud-final.service", "cloud-init.target")):
+        w(root, f"/usr/lib/systemd/system/{unit}", "[Unit]\n")
+        (root / f"etc/systemd/system/{target}.wants").mkdir(parents=True, exist_ok=True)
+        os.symlink(f"/usr/lib/systemd/system/{unit}", root / f"etc/systemd/system/{target}.wants/{unit}")
+    mods = f"usr/lib/modules/{kver}/kernel/drivers"
+    import lzma
+
+    main = newc([(f"{mods}/hv/hv_vmbus.ko.xz", b""), (f"{mods}/scsi/hv_storvsc.ko.xz", b""),
+                 (f"{mods}/net/hyperv/hv_netvsc.ko.xz", b"")])
+    w(root, f"/boot/initramfs-{kver}.img", newc(EARLY) + lzma.compress(main))
+    w(root, f"/boot/vmlinuz-{kver}", b"MZ kernel")
+    w(root, f"/boot/loader/entries/4b7ae7b1-{kver}.conf", f"title AlmaLinux ({kver}) 9.4\nversion {kver}\n"
+      f"linux /vmlinuz-{kver}\noptions root=UUID=1234 ro console=tty1 console=ttyS0,115200n8 earlyprintk=ttyS0 "
+      "rootdelay=300\n")
+    (tmp_path / "disk").mkdir()
+    image = make_gpt_xfs_disk(tmp_path / "disk", root)
+    r = inspect_json(cache, image)
+    assert [(p["number"], p["type_name"], p["fstype"], p["mounted_at"]) for p in r["partitions"]] == [
+        (1, "BIOS boot", "", ""), (2, "EFI System", "vfat", ""), (3, "Linux filesystem", "xfs", "/")]
+    assert r["os"]["ID"] == "almalinux" and r["os"]["VERSION_ID"] == "9.4"
+    assert r["agents"]["provisioning"] == "cloud-init"  # auto, with cloud-init installed
+    assert r["agents"]["cloud_init"]["datasource_list"] == ["Azure"]
+    assert r["agents"]["waagent"]["enabled"] == {"waagent.service": ["/etc/systemd/system/multi-user.target.wants"]}
+    assert r["kernels"] == [{"version": kver, "kernel": f"/boot/vmlinuz-{kver}",
+                             "initramfs": f"/boot/initramfs-{kver}.img",
+                             "hyperv_drivers": {"hv_vmbus": "in the initramfs", "hv_storvsc": "in the initramfs",
+                                                "hv_netvsc": "in the initramfs"},
+                             "hyperv_ok": True, "initramfs_error": ""}]
+    cl = r["kernel_cmdline"]
+    assert cl["source"] == f"/boot/loader/entries/4b7ae7b1-{kver}.conf" and cl["rootdelay"] == "300"
+    assert cl["serial_console"] is True
+    assert r["distro"] == {"id": "almalinux-9", "exact": True, "why": "family rhel, version 9, agent cloud-init"}
+    assert r["problems"] == ["no boot mode: no boot code in the MBR; EFI system partition 2 (vfat) without an "
+                             "x86_64 boot loader"]
