@@ -519,7 +519,7 @@ def publish(c: Context, distro: str = "", version: str = "", storage_account: st
         arm_endpoint=arm_endpoint or os.environ.get("IMAGEKIT_ARM_ENDPOINT") or pub.ARM_ENDPOINT,
         polling_interval=float(os.environ.get("IMAGEKIT_ARM_POLLING_INTERVAL") or 15),
     )
-    prepared = pub.prepare(opts, g)
+    prepared = pub.prepare(opts, g, connect=not dry_run)
     if dry_run:
         print("\n".join(pub.dry_run(prepared)))
         return

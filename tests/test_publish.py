@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -537,6 +538,14 @@ def test_missing_credentials_are_a_clear_error(gallery: Gallery, monkeypatch: py
     with pytest.raises(InputError, match="no Azure credentials for the storage account") as e:
         publish(p, gallery=gallery)
     assert "AZURE_STORAGE_CONNECTION_STRING" in str(e.value) and "az login" in str(e.value)
+    # as the task runs it, the credentials are checked before the pass over the VHD: a changed VHD is not
+    # what is reported
+    vhd = gallery.get("debian-12", "12.0.1").path / VHD_NAME
+    vhd.chmod(0o644)
+    with vhd.open("r+b") as f:
+        f.write(b"changed")
+    with pytest.raises(InputError, match="no Azure credentials for the storage account"):
+        prepare(opts("vhds", storage_account="imagekitstore"), gallery, connect=True)
 
 
 # -- the task -----------------------------------------------------------------------------------------------
@@ -565,3 +574,52 @@ def test_publish_task_end_to_end(gallery: Gallery, storage_env: azurite.Azurite,
     bad = subprocess.run([*argv[:-2], "--end-of-life", (dt.date.today() - dt.timedelta(days=1)).isoformat()],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "imagekit: error: --end-of-life" in bad.stderr
+
+
+def test_ctrl_c_in_the_task_then_a_rerun_resumes(tmp_path: Path, storage_env: azurite.Azurite) -> None:
+    """SIGINT to a running invoke publish once the blob has its first pages: exit 130, and the next run sends
+    only what the blob's page ranges (read after the first process ended) lack."""
+    raw = tmp_path / "big.raw"
+    rnd = random.Random(5)
+    with raw.open("wb") as f:
+        f.truncate(256 * MiB)
+        for i in range(6):
+            f.seek(i * 40 * MiB)
+            f.write(rnd.randbytes(4 * MiB))
+    g = Gallery(tmp_path / "images")
+    register(g, raw, "12.0.3")
+    c = container_name()
+    env = dict(os.environ, IMAGEKIT_IMAGES=str(g.root))
+    argv = [str(Path(sys.executable).parent / "invoke"), "-r", str(REPO_ROOT), "publish", "--distro", "debian-12",
+            "--version", "12.0.3", "--container", c, "--blob-only", "--workers", "1"]
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.blob import BlobServiceClient
+
+    b = BlobServiceClient.from_connection_string(storage_env.connection_string).get_blob_client(
+        c, "debian-12-12.0.3.vhd")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None:  # wait for the first pages to land, then Ctrl-C
+            try:
+                if list(b.list_page_ranges()):
+                    break
+            except ResourceNotFoundError:
+                pass
+            time.sleep(0.02)  # polling, not a timed assertion
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "upload stopped after" in err and "run publish again to resume" in err
+    done = pages.merge((int(r.start or 0), int(r.end or 0) + 1) for r in b.list_page_ranges())
+    done_bytes = sum(e - s for s, e in done)
+    plan = pages.plan(g.get("debian-12", "12.0.3").path / VHD_NAME)
+    assert 0 < done_bytes < plan.data_bytes
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"sent {plan.data_bytes - done_bytes} bytes" in again.stdout
+    assert f"({done_bytes} bytes were already there)" in again.stdout
+    assert hashlib.sha256(b.download_blob().readall()).hexdigest() == sha256_file(
+        g.get("debian-12", "12.0.3").path / VHD_NAME)

@@ -1,7 +1,8 @@
 """Publishing a registered, verified version to Azure: the fixed VHD as a page blob, then an Azure Compute
 Gallery image version made from it, and a record of where it went in the local gallery.
 
-What others use: :class:`PublishOptions`, :func:`prepare` (every check, before anything is sent),
+What others use: :class:`PublishOptions`, :func:`prepare` (every check, before anything is sent; with
+``connect`` it also makes the clients),
 :func:`dry_run`, :func:`publish`, and :class:`StaticTokenCredential`.
 
 Modules: ``validate`` (Azure's naming rules, the image's own state), ``pages`` (the ranges a sparse VHD
@@ -24,8 +25,8 @@ from imagekit.publish import arm, blob, pages, validate
 from imagekit.publish.arm import ARM_ENDPOINT, GalleryResult, GalleryTarget, StaticTokenCredential
 from imagekit.publish.blob import PublishError, UploadResult
 
-__all__ = ["ARM_ENDPOINT", "Prepared", "PublishError", "PublishOptions", "PublishResult", "StaticTokenCredential",
-           "dry_run", "prepare", "publish"]
+__all__ = ["ARM_ENDPOINT", "Clients", "Prepared", "PublishError", "PublishOptions", "PublishResult",
+           "StaticTokenCredential", "connect_clients", "dry_run", "prepare", "publish"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,15 @@ class PublishOptions:
 
 
 @dataclass
+class Clients:
+    """Connected, credentials checked, the gallery found (before the VHD is hashed or anything is sent)."""
+
+    storage: blob.Storage
+    compute: Any  # azure.mgmt.compute.ComputeManagementClient, or None with --blob-only
+    location: str  # the gallery's region
+
+
+@dataclass
 class Prepared:
     """Options checked and resolved, the source verified against its manifest, the upload planned."""
 
@@ -69,6 +79,7 @@ class Prepared:
     plan: pages.Plan
     target: GalleryTarget | None
     storage_group: str
+    clients: Clients | None = None
 
 
 @dataclass
@@ -87,8 +98,11 @@ def _subscription(opts: PublishOptions) -> str:
     return validate.check_subscription(sub)
 
 
-def prepare(opts: PublishOptions, gallery: Gallery | None = None, today: dt.date | None = None) -> Prepared:
-    """Every check that can be made without Azure, cheapest first; raises InputError before anything is sent."""
+def prepare(opts: PublishOptions, gallery: Gallery | None = None, today: dt.date | None = None, *,
+            connect: bool = False, **connect_kwargs: Any) -> Prepared:
+    """Every check, cheapest first; raises before anything is sent. With ``connect`` the clients are made (and
+    the credentials and the gallery checked) before the VHD's SHA-256 pass, so those errors come in seconds;
+    ``connect_kwargs`` go to :func:`connect_clients`."""
     version = validate.check_version(opts.version)
     if opts.storage_account or not os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
         if not opts.storage_account:
@@ -120,7 +134,7 @@ def prepare(opts: PublishOptions, gallery: Gallery | None = None, today: dt.date
             validate.check_region(opts.location)
         sub = _subscription(opts)
     g = gallery or Gallery()
-    source = validate.check_source(g, opts.distro, version)
+    source = validate.check_source(g, opts.distro, version, files=False)
     if not opts.blob_only:
         offer = validate.check_identifier("offer", opts.offer or str(source.manifest.get("family") or opts.distro))
         sku = validate.check_identifier("sku", opts.sku or opts.distro)
@@ -131,9 +145,28 @@ def prepare(opts: PublishOptions, gallery: Gallery | None = None, today: dt.date
             replica_count=opts.replica_count, end_of_life=eol, exclude_from_latest=opts.exclude_from_latest,
             publisher=publisher, offer=offer, sku=sku,
             description=f"{source.manifest.get('distro_name') or opts.distro}, built and verified by imagekit")
+    clients = connect_clients(opts, target, **connect_kwargs) if connect else None
+    validate.check_files(source)
     plan = pages.plan(source.vhd, opts.request_size)
     return Prepared(opts=opts, source=source, blob_name=blob_name, plan=plan, target=target,
-                    storage_group=storage_group)
+                    storage_group=storage_group, clients=clients)
+
+
+def connect_clients(opts: PublishOptions, target: GalleryTarget | None, *, storage_credential: Any = None,
+                    arm_credential: Any = None, blob_client_kwargs: dict[str, Any] | None = None,
+                    arm_client_kwargs: dict[str, Any] | None = None) -> Clients:
+    """The storage client and (unless --blob-only) the resource manager's, each credential checked, and the
+    gallery read."""
+    storage = blob.connect(opts.storage_account, endpoint=opts.blob_endpoint, credential=storage_credential,
+                           client_kwargs=blob_client_kwargs)
+    compute = None
+    location = ""
+    if target is not None:
+        cred = arm_credential if arm_credential is not None else _arm_credential(storage_credential)
+        compute = arm.client(cred, target.subscription, opts.arm_endpoint, polling_interval=opts.polling_interval,
+                             client_kwargs=arm_client_kwargs)
+        location = arm.gallery_location(compute, target)
+    return Clients(storage=storage, compute=compute, location=location)
 
 
 def _blob_url(p: Prepared) -> str:
@@ -174,7 +207,9 @@ def dry_run(p: Prepared) -> list[str]:
         lines.append("--blob-only: no gallery requests")
         return lines
     account_id = arm.storage_account_id(p.target.subscription, p.storage_group, _account(p))
-    lines.append("gallery requests (the image definition's PUT only when it is missing):")
+    lines.append("gallery requests (the image definition's PUT only when it is missing"
+                 + ("" if p.target.location else "; the gallery's region is read from it, or give --location;"
+                    " it is added to the target regions when they lack it") + "):")
     for r in arm.planned_requests(p.target, url, account_id, p.opts.arm_endpoint):
         lines.extend("  " + line for line in r.show().splitlines())
     return lines
@@ -186,15 +221,10 @@ def publish(p: Prepared, *, gallery: Gallery | None = None, storage_credential: 
     """Upload (or resume, or find done) the page blob, verify it, make the gallery version, record it."""
     opts = p.opts
     g = gallery or Gallery()
-    storage = blob.connect(opts.storage_account, endpoint=opts.blob_endpoint, credential=storage_credential,
-                           client_kwargs=blob_client_kwargs)
-    compute = None
-    location = ""
-    if p.target is not None:  # credentials for both, and the gallery, are checked before the upload starts
-        cred = arm_credential if arm_credential is not None else _arm_credential(storage_credential)
-        compute = arm.client(cred, p.target.subscription, opts.arm_endpoint, polling_interval=opts.polling_interval,
-                             client_kwargs=arm_client_kwargs)
-        location = arm.gallery_location(compute, p.target)
+    clients = p.clients or connect_clients(  # credentials and the gallery are checked before the upload starts
+        opts, p.target, storage_credential=storage_credential, arm_credential=arm_credential,
+        blob_client_kwargs=blob_client_kwargs, arm_client_kwargs=arm_client_kwargs)
+    storage, compute, location = clients.storage, clients.compute, clients.location
     image = f"{opts.distro}/{p.source.image.version}"
     up = blob.upload(storage, opts.container, p.blob_name, p.source.vhd, p.plan, sha256=p.source.sha256,
                      image=image, toolkit_version=imagekit.__version__, overwrite=opts.overwrite,

@@ -28,6 +28,7 @@ API_VERSION = "2026-03-03"
 # imagekit's images boot with BIOS from an MBR disk: generation 1 on Hyper-V (Trusted Launch needs V2).
 HYPERV_GENERATION = "V1"
 POLL_LOG_SECONDS = 30.0
+UNKNOWN_LOCATION = "<the gallery's location>"  # what a dry run without --location shows
 
 
 class StaticTokenCredential:
@@ -115,7 +116,7 @@ def definition_body(t: GalleryTarget, location: str) -> dict[str, Any]:
 
 def version_body(t: GalleryTarget, location: str, blob_url: str, account_id: str) -> dict[str, Any]:
     regions = list(t.regions) or [(location, t.replica_count)]
-    if location not in [r for r, _ in regions]:
+    if location != UNKNOWN_LOCATION and location not in [r for r, _ in regions]:
         regions.insert(0, (location, t.replica_count))  # Azure keeps a replica in the gallery's own region
     publishing: dict[str, Any] = {
         "targetRegions": [{"name": r, "regionalReplicaCount": n, "storageAccountType": t.storage_account_type}
@@ -137,7 +138,7 @@ def planned_requests(t: GalleryTarget, blob_url: str, account_id: str, endpoint:
     """What :func:`publish_version` sends when nothing exists yet (the definition is only PUT when missing)."""
     base = endpoint.rstrip("/")
     q = f"?api-version={API_VERSION}"
-    location = t.location or "<the gallery's location>"
+    location = t.location or UNKNOWN_LOCATION
     return [
         Request("GET", base + _path(t) + q),
         Request("GET", base + _path(t, image=True) + q),

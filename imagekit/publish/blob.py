@@ -55,8 +55,10 @@ def azure_message(exc: BaseException) -> str:
 
 def quiet_sdk_logs() -> None:
     """The SDK's HTTP logging stays off: at DEBUG it would log request headers and URLs."""
-    for name in ("azure", "azure.core.pipeline.policies.http_logging_policy", "azure.identity", "msal"):
+    for name in ("azure", "azure.core.pipeline.policies.http_logging_policy", "msal"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # DefaultAzureCredential logs each credential it tried at WARNING; the error names the ways to sign in
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ def upload(storage: Storage, container: str, blob_name: str, path: os.PathLike[s
         resumed = plan.data_bytes - sum(r.length for r in todo)
         if resumed:
             log.info("resuming %s: %d of %d data bytes are already there", where, resumed, plan.data_bytes)
+        log.info("uploading %d bytes in %d requests to %s (%d at once)", sum(r.length for r in todo), len(todo),
+                 where, workers)
         sent = _send(blob, path, todo, workers)
         _verify(blob, path, plan, workers, where)
         blob.set_blob_metadata({**meta, META_VERIFIED: sha256})
