@@ -240,6 +240,19 @@ def test_ext4_is_made_from_a_directory_at_the_partition_offset_without_mounting(
 # --- root tree configuration ---------------------------------------------------------------------
 
 
+DEBIAN_WAAGENT_UNIT = """[Unit]
+Description=Microsft Azure Linux Agent
+After=multi-user.target
+ConditionVirtualization=microsoft
+
+[Service]
+ExecStart=/usr/sbin/waagent -daemon
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def _fake_root(tmp_path: Path, *, cloud_init: bool) -> Path:
     root = tmp_path / "root"
     for d in ("etc/ssh/sshd_config.d", "var/lib/dpkg/info", "var/lib/dbus", "root", "home", "etc/cloud"):
@@ -249,6 +262,14 @@ def _fake_root(tmp_path: Path, *, cloud_init: bool) -> Path:
         (root / f"etc/ssh/ssh_host_{k}_key").write_text("PRIVATE")
         (root / f"etc/ssh/ssh_host_{k}_key.pub").write_text("PUBLIC")
     pkgs = ["waagent", "eject"] + (["cloud-init", "cloud-guest-utils"] if cloud_init else [])
+    units = root / "lib/systemd/system"
+    units.mkdir(parents=True)
+    # Debian 12's own units (waagent 2.7.3, ifupdown 0.8.41), as the packages ship them.
+    (units / "walinuxagent.service").write_text(DEBIAN_WAAGENT_UNIT)
+    (units / "ifupdown-wait-online.service").write_text("[Unit]\nBefore=network-online.target\n[Service]\n"
+                                                         "Type=oneshot\nExecStart=/lib/ifupdown/wait-online.sh\n")
+    (root / "etc/default").mkdir(parents=True)
+    (root / "etc/default/networking").write_text("# Method to wait for the network\n#WAIT_ONLINE_METHOD=ifup\n")
     for p in pkgs:
         (root / f"var/lib/dpkg/info/{p}.list").write_text("")
     (root / "etc/waagent.conf").write_text(
@@ -289,7 +310,13 @@ def test_root_tree_is_configured_from_the_table(tmp_path: Path, distro_id: str) 
     assert f"ClientAliveInterval {d.ssh.client_alive_interval}\n" in dropin
     assert f"PermitRootLogin {d.ssh.permit_root_login}\n" in dropin
     unit = (root / "etc/systemd/system" / customize.HOSTKEY_UNIT).read_text()
-    assert "ssh-keygen -A" in unit and "Before=ssh.service" in unit
+    assert "Before=ssh.service" in unit and "walinuxagent.service" in unit
+    if cloud:
+        assert "ExecStart=/usr/bin/ssh-keygen -A\n" in unit and "ConditionPathExistsGlob" not in unit
+    else:
+        # waagent replaces every host key while provisioning: first boot makes one fast key, only if none.
+        assert "ExecStart=/usr/bin/ssh-keygen -q -N '' -t ed25519 -f /etc/ssh/ssh_host_ed25519_key\n" in unit
+        assert "ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key\n" in unit and "ssh-keygen -A" not in unit
     eth0 = root / "etc/network/interfaces.d/eth0"
     if cloud:
         assert not eth0.exists()  # cloud-init writes its own eth0 stanza; two would make ifup fail
@@ -297,6 +324,12 @@ def test_root_tree_is_configured_from_the_table(tmp_path: Path, distro_id: str) 
         assert ci["datasource_list"] == list(d.cloud_init["datasource_list"])
     else:
         assert "iface eth0 inet dhcp" in eth0.read_text()
+        assert (root / "etc/default/networking").read_text().splitlines()[-1] == "WAIT_ONLINE_METHOD=route"
+        link = root / "etc/systemd/system/network-online.target.wants" / customize.WAIT_ONLINE_UNIT
+        assert os.readlink(link) == f"/lib/systemd/system/{customize.WAIT_ONLINE_UNIT}"
+        agent = (root / "etc/systemd/system/walinuxagent.service").read_text()
+        assert "After=network-online.target ssh.service\nWants=network-online.target\n" in agent
+        assert "multi-user.target\n" in agent.split("[Install]")[1] and "After=multi-user" not in agent
     assert (root / "etc/machine-id").read_text() == ""
     assert not (root / "var/lib/dbus/machine-id").exists()
     assert (root / "etc/hostname").read_text() == "localhost\n"
@@ -377,3 +410,24 @@ def test_unreachable_mirror_falls_back_to_an_image_built_from_the_same_inputs(
         "created": "2026-11-22T00:00:00+00:00", "kernel": "6.1.0-x", "packages": {"waagent": "1"}})
     img = ensure_base(distros.get("debian-12"), cache=tmp_path)
     assert img.cached and img.path == entry / cache.IMAGE_NAME and img.kernel == "6.1.0-x"
+
+
+def test_agent_unit_waits_for_the_network_and_sshd_not_the_whole_boot(tmp_path: Path) -> None:
+    text = customize.agent_unit_override(DEBIAN_WAAGENT_UNIT)
+    assert text is not None
+    unit = text.split("[Service]")[0]
+    assert "\nAfter=network-online.target ssh.service\nWants=network-online.target\n" in unit
+    assert not [ln for ln in unit.splitlines() if not ln.startswith("#") and "multi-user.target" in ln]
+    # Everything else as the package ships it.
+    assert text.endswith(DEBIAN_WAAGENT_UNIT.replace("After=multi-user.target\n",
+                                                     "After=network-online.target ssh.service\n"
+                                                     "Wants=network-online.target\n"))
+    # Other orderings on the same line are kept; a unit not ordered after multi-user.target is not rewritten.
+    both = customize.agent_unit_override("[Unit]\nAfter=multi-user.target cloud-init.service\n[Service]\nExecStart=x\n")
+    assert both is not None and "After=network-online.target ssh.service cloud-init.service\n" in both
+    assert customize.agent_unit_override("[Unit]\nAfter=network-online.target\n[Service]\nExecStart=x\n") is None
+    assert customize.agent_unit_override("[Unit]\n[Install]\nAfter=multi-user.target\n") is None
+    # cloud-init images keep the package's unit (waagent, if present, does not provision there).
+    root = _fake_root(tmp_path, cloud_init=True)
+    customize.configure_agent(root, distros.get("debian-12-cloudinit"))
+    assert not (root / "etc/systemd/system/walinuxagent.service").exists()

@@ -154,6 +154,26 @@ def test_guest_sees_azure(pvm: ProvisionedVM) -> None:
     assert dvd.stdout.split()[1].startswith("/dev/sd"), dvd.evidence()
 
 
+@pytest.mark.parametrize("pvm", ["debian-12"], indirect=True)
+def test_waagent_starts_on_the_network_not_after_the_whole_boot(pvm: ProvisionedVM) -> None:
+    """The image orders waagent after network-online.target (a default route, through ifupdown's wait-online
+    service) and sshd instead of multi-user.target, and first boot makes one host key that waagent then
+    replaces with its own set: the agent found the WireServer route on its first look, no retry."""
+    unit = pvm.guest.run("systemctl show -p After -p Wants walinuxagent.service; "
+                         "systemctl is-active ifupdown-wait-online.service; ls /etc/ssh")
+    after = next(ln for ln in unit.stdout.splitlines() if ln.startswith("After="))
+    assert "network-online.target" in after and "ssh.service" in after, unit.evidence()
+    assert "multi-user.target" not in after, unit.evidence()
+    assert "\nactive\n" in unit.stdout, unit.evidence()
+    # Provisioning.SshHostKeyPairType=auto: waagent's ssh-keygen -A made RSA too (first boot made only Ed25519).
+    assert "ssh_host_rsa_key.pub" in unit.stdout and "ssh_host_ed25519_key.pub" in unit.stdout, unit.evidence()
+    log = pvm.guest.run("grep -E 'route to 168.63.129.16|Retry detect protocol|Waiting for network' "
+                        "/var/log/waagent.log")
+    assert "Route to 168.63.129.16 exists" in log.stdout, log.evidence()
+    assert "No route exists" not in log.stdout and "Retry detect protocol" not in log.stdout, log.evidence()
+    assert "Waiting for network" not in log.stdout, log.evidence()
+
+
 def test_guest_reaches_the_emulator_and_nothing_else(pvm: ProvisionedVM, host_listener: int) -> None:
     pvm.guest.write_file("/tmp/ik-probe.py", GUEST_PROBE.encode(), sudo=False)
     res = pvm.guest.run(f"python3 /tmp/ik-probe.py {_host_ip()} {host_listener}", sudo=False, timeout=180)

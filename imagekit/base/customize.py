@@ -46,16 +46,33 @@ DefaultDependencies=no
 # before sshd, which does not start without keys, and the agent, which reports a key's thumbprint.
 After=local-fs.target cloud-init.service cloud-init-network.service
 Before=ssh.service ssh.socket sshd.service walinuxagent.service
-ConditionPathIsReadWrite=/etc/ssh
+ConditionPathIsReadWrite=/etc/ssh{condition}
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+ExecStart={command}
 RemainAfterExit=yes
 
 [Install]
 WantedBy=multi-user.target ssh.service
 """
+# Every key type, for images whose agent keeps the keys made at first boot (cloud-init makes its own).
+_HOSTKEY_ALL = "/usr/bin/ssh-keygen -A"
+# waagent with Provisioning.RegenerateSshHostKeyPair=y deletes every host key while provisioning and makes
+# its own (SshHostKeyPairType), so what first boot makes only has to let sshd start: one Ed25519 key, in
+# well under a second, instead of RSA-3072 + ECDSA + Ed25519 (RSA key generation took 30 s and more in a
+# TCG guest, and the agent waited for it). Only when no host key exists, so a reboot keeps the agent's.
+_HOSTKEY_ONE = "/usr/bin/ssh-keygen -q -N '' -t ed25519 -f /etc/ssh/ssh_host_ed25519_key"
+_HOSTKEY_NONE_YET = "\nConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key"
+
+# Agent units that Debian orders After=multi-user.target: the agent then waits for the whole boot (sshd's
+# host keys, e2scrub_reap, logind, the gettys). What it needs is the network (a route to the WireServer)
+# and sshd running, which is upstream's own ordering (network-online.target) plus ssh.service.
+AGENT_UNIT_NAMES = ("walinuxagent.service", "waagent.service")
+AGENT_UNIT_AFTER = "network-online.target ssh.service"
+_UNIT_DIRS = ("etc/systemd/system", "lib/systemd/system", "usr/lib/systemd/system")
+WAIT_ONLINE_UNIT = "ifupdown-wait-online.service"
+WAIT_ONLINE_METHOD = "route"  # wait-online.sh: until a default route exists (what the agent's DHCP check needs)
 
 
 def setup_hook_tree(dest: Path) -> None:
@@ -137,6 +154,8 @@ def configure_agent(root: Path, distro: Distro, installed: Collection[str] | Non
         conf.write_text(apply_waagent_conf(conf.read_text(), dict(distro.waagent_conf)))
     elif distro.waagent_conf:
         raise BuildError("the table sets waagent.conf values but the image has no /etc/waagent.conf")
+    if distro.agent is Agent.WAAGENT:
+        configure_agent_unit(root)
     if distro.agent is Agent.CLOUD_INIT or distro.cloud_init:
         # JSON is YAML; cloud-init merges this over cloud.cfg. Written even without cloud-init installed
         # would be pointless, so require it.
@@ -179,7 +198,65 @@ def configure_ssh(root: Path, distro: Distro) -> None:
         raise BuildError("openssh-server is not installed in the image (no /etc/ssh/sshd_config)")
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    _write(root / "etc/systemd/system" / HOSTKEY_UNIT, _HOSTKEY_UNIT_TEXT)
+    _write(root / "etc/systemd/system" / HOSTKEY_UNIT, hostkey_unit_text(distro))
+
+
+def agent_regenerates_host_keys(distro: Distro) -> bool:
+    """Does the image's agent replace the SSH host keys while provisioning (waagent's
+    Provisioning.RegenerateSshHostKeyPair=y)?"""
+    return distro.agent is Agent.WAAGENT and distro.waagent_conf.get("Provisioning.RegenerateSshHostKeyPair") == "y"
+
+
+def hostkey_unit_text(distro: Distro) -> str:
+    if agent_regenerates_host_keys(distro):
+        return _HOSTKEY_UNIT_TEXT.format(condition=_HOSTKEY_NONE_YET, command=_HOSTKEY_ONE)
+    return _HOSTKEY_UNIT_TEXT.format(condition="", command=_HOSTKEY_ALL)
+
+
+def agent_unit_override(text: str) -> str | None:
+    """The agent's unit with ``After=multi-user.target`` replaced by :data:`AGENT_UNIT_AFTER` (and the
+    network wanted), or ``None`` when the unit is not ordered after multi-user.target.
+
+    Dependencies cannot be removed by a drop-in, so this is a whole unit for /etc/systemd/system, made
+    from the package's own text (everything else in it kept as the package ships it)."""
+    section = ""
+    out: list[str] = []
+    changed = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped
+        elif section == "[Unit]" and stripped.startswith("After=") and not changed:
+            targets = stripped[len("After="):].split()
+            if "multi-user.target" in targets:
+                after = AGENT_UNIT_AFTER.split()
+                rest = [t for t in targets if t not in ("multi-user.target", *after)]
+                out.append("After=" + " ".join([*after, *rest]))
+                out.append("Wants=network-online.target")
+                changed = True
+                continue
+        out.append(line)
+    if not changed:
+        return None
+    return "# Written by imagekit: the package's unit, ordered after the network and sshd instead of\n" \
+           "# multi-user.target (the whole boot).\n" + "\n".join(out) + "\n"
+
+
+def configure_agent_unit(root: Path) -> list[str]:
+    """Start waagent once the network and sshd are up instead of after the whole boot (see
+    :data:`AGENT_UNIT_NAMES`). Returns the units overridden."""
+    done = []
+    for name in AGENT_UNIT_NAMES:
+        if (root / "etc/systemd/system" / name).is_file() and not (root / "etc/systemd/system" / name).is_symlink():
+            continue  # already overridden (by the image or an earlier run)
+        src = next((root / d / name for d in _UNIT_DIRS[1:] if (root / d / name).is_file()), None)
+        if src is None:
+            continue
+        text = agent_unit_override(src.read_text())
+        if text is not None:
+            _write(root / "etc/systemd/system" / name, text)
+            done.append(name)
+    return done
 
 
 def configure_network(root: Path, distro: Distro) -> None:
@@ -190,6 +267,24 @@ def configure_network(root: Path, distro: Distro) -> None:
     _write(root / "etc/network/interfaces.d/eth0",
            "# DHCP on the first NIC (net.ifnames=0 names it eth0), as on Azure.\n"
            "allow-hotplug eth0\niface eth0 inet dhcp\n")
+    # network-online.target (which the agent waits for) must mean "DHCP gave a default route", the route
+    # waagent's endpoint check looks for (else it sleeps 10 s and retries). ifupdown's wait-online service
+    # is not enabled by default, and ifup@eth0 is a simple service (started = forked, not configured), so
+    # network-online.target was reached before eth0 had an address. Enabled here, waiting for the route
+    # (event-driven; its default method polls once a second). Only units that want network-online.target
+    # wait for it; the login prompt does not.
+    defaults = root / "etc/default/networking"
+    text = defaults.read_text() if defaults.exists() else ""
+    text = re.sub(r"^\s*WAIT_ONLINE_METHOD=.*\n?", "", text, flags=re.M).rstrip("\n")
+    _write(defaults, (text + "\n" if text else "") + f"WAIT_ONLINE_METHOD={WAIT_ONLINE_METHOD}\n")
+    wait_online = next((Path("/", d, WAIT_ONLINE_UNIT) for d in _UNIT_DIRS[1:]
+                        if (root / d / WAIT_ONLINE_UNIT).is_file()), None)
+    if wait_online is not None:
+        link = root / "etc/systemd/system/network-online.target.wants" / WAIT_ONLINE_UNIT
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(wait_online)
 
 
 def scrub_identity(root: Path) -> None:
