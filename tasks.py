@@ -481,7 +481,7 @@ def images_remove(c: Context, distro: str = "", version: str = "", verbose: bool
         "exclude_from_latest": "exclude the version from 'latest'",
         "publisher": "the image definition's publisher (default imagekit)",
         "offer": "its offer (default: the distro's family)",
-        "sku": "its SKU (default: the distro id)",
+        "sku": "its SKU (default: the image definition's name; publisher/offer/SKU are unique in a gallery)",
         "blob_only": "stop after the verified upload (no gallery step)",
         "overwrite": "replace an existing blob with other content (otherwise refused)",
         "workers": "Put Page requests in flight at once (default 8)",

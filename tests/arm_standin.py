@@ -199,6 +199,14 @@ class StandIn:
                                                     f"gallery's location '{gallery['location']}'.")
         if kind == "image":
             res = self._check_image(m, body)
+            ident = {k: str(v).lower() for k, v in res["properties"]["identifier"].items()}
+            for other_key, other in self.state.resources.items():
+                if (other_key != key and other_key.startswith(gallery_key + "/images/") and "/versions/" not in
+                        other_key and {k: str(v).lower() for k, v in
+                                       other["properties"]["identifier"].items()} == ident):
+                    raise ArmError(409, "Conflict",
+                                   f"Gallery image '{other['name']}' already has the publisher, offer and SKU "
+                                   f"{'/'.join(ident.values())}; they must be unique in a gallery.")
         else:
             image_key = path.lower().rsplit("/versions/", 1)[0]
             if image_key not in self.state.resources:

@@ -383,7 +383,7 @@ def test_gallery_version_from_the_blob(gallery: Gallery, storage_env: azurite.Az
     assert all(r.query["api-version"] == ["2026-03-03"] for r in arm.requests())
     image = puts[0].body["properties"]
     assert image["osType"] == "Linux" and image["osState"] == "Generalized" and image["hyperVGeneration"] == "V1"
-    assert image["identifier"] == {"publisher": "imagekit", "offer": "debian", "sku": "debian-12"}
+    assert image["identifier"] == {"publisher": "imagekit", "offer": "debian", "sku": "debian-12"}  # the definition
     v = puts[1].body["properties"]
     assert v["storageProfile"]["osDiskImage"]["source"] == {
         "uri": res.upload.url,
@@ -437,6 +437,18 @@ def test_conflict_is_a_clear_error(gallery: Gallery, storage_env: azurite.Azurit
                                            r"'galleryImageVersion.properties.storageProfile' is not allowed. "
                                            r"\(HTTP 409, PropertyChangeNotAllowed\)"):
         run_gallery(prepare(gallery_opts(c, arm, blob_name="other.vhd"), gallery), gallery, arm)
+
+
+def test_a_duplicate_identifier_is_a_clear_error(gallery: Gallery, storage_env: azurite.Azurite,
+                                                 arm: arm_standin.StandIn) -> None:
+    c = container_name()
+    run_gallery(prepare(gallery_opts(c, arm), gallery), gallery, arm)
+    run_gallery(prepare(gallery_opts(c, arm, image_definition="debian-12-b"), gallery), gallery, arm)  # own sku
+    with pytest.raises(PublishError, match=r"image definition imagekitgallery/debian-12-c: Azure refused it as a "
+                                           r"conflict: Gallery image 'debian-12' already has the publisher, offer "
+                                           r"and SKU imagekit/debian/debian-12.*\(HTTP 409, Conflict\)"):
+        run_gallery(prepare(gallery_opts(c, arm, image_definition="debian-12-c", sku="debian-12"), gallery),
+                    gallery, arm)
 
 
 def test_failed_provisioning_is_a_clear_error(gallery: Gallery, storage_env: azurite.Azurite,

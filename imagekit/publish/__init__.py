@@ -51,7 +51,7 @@ class PublishOptions:
     exclude_from_latest: bool = False
     publisher: str = "imagekit"
     offer: str = ""  # default: the distro's family
-    sku: str = ""  # default: the distro id
+    sku: str = ""  # default: the image definition's name
     blob_only: bool = False
     overwrite: bool = False
     workers: int = blob.DEFAULT_WORKERS
@@ -137,7 +137,8 @@ def prepare(opts: PublishOptions, gallery: Gallery | None = None, today: dt.date
     source = validate.check_source(g, opts.distro, version, files=False)
     if not opts.blob_only:
         offer = validate.check_identifier("offer", opts.offer or str(source.manifest.get("family") or opts.distro))
-        sku = validate.check_identifier("sku", opts.sku or opts.distro)
+        # the (publisher, offer, sku) triple is unique in a gallery: the definition's own name keeps it so
+        sku = validate.check_identifier("sku", opts.sku or opts.image_definition)
         publisher = validate.check_identifier("publisher", opts.publisher)
         target = GalleryTarget(
             subscription=sub, resource_group=opts.resource_group, gallery=opts.gallery,
