@@ -167,7 +167,7 @@ def test_waagent_starts_on_the_network_not_after_the_whole_boot(pvm: Provisioned
     assert "\nactive\n" in unit.stdout, unit.evidence()
     # Provisioning.SshHostKeyPairType=auto: waagent's ssh-keygen -A made RSA too (first boot made only Ed25519).
     assert "ssh_host_rsa_key.pub" in unit.stdout and "ssh_host_ed25519_key.pub" in unit.stdout, unit.evidence()
-    log = pvm.guest.run("grep -E 'route to 168.63.129.16|Retry detect protocol|Waiting for network' "
+    log = pvm.guest.run("grep -iE 'route to 168.63.129.16|route exists|Retry detect protocol|Waiting for network' "
                         "/var/log/waagent.log")
     assert "Route to 168.63.129.16 exists" in log.stdout, log.evidence()
     assert "No route exists" not in log.stdout and "Retry detect protocol" not in log.stdout, log.evidence()
