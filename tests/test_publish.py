@@ -635,3 +635,41 @@ def test_ctrl_c_in_the_task_then_a_rerun_resumes(tmp_path: Path, storage_env: az
     assert f"({done_bytes} bytes were already there)" in again.stdout
     assert hashlib.sha256(b.download_blob().readall()).hexdigest() == sha256_file(
         g.get("debian-12", "12.0.3").path / VHD_NAME)
+
+
+def test_progress_bar_on_a_terminal(gallery: Gallery, storage_env: azurite.Azurite) -> None:
+    """On a terminal (stderr a pty) the upload and the verification draw tqdm bars up to the data bytes; piped,
+    nothing of the kind is printed."""
+    import pty
+
+    env = dict(os.environ, IMAGEKIT_IMAGES=str(gallery.root), COLUMNS="120")
+    argv = [str(Path(sys.executable).parent / "invoke"), "-r", str(REPO_ROOT), "publish", "--distro", "debian-12",
+            "--version", "12.0.1", "--container", container_name(), "--blob-only"]
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        os.close(master)
+    tty = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, tty
+    data_mib = f"{pages.plan(gallery.get('debian-12', '12.0.1').path / VHD_NAME).data_bytes / MiB:.2f}M"
+    assert "upload: 100%" in tty and "verify: 100%" in tty and data_mib in tty
+    assert "%|" not in out
+    piped = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "%|" not in piped.stderr + piped.stdout
