@@ -381,15 +381,20 @@ class Gallery:
     def record_publication(self, distro: str, version: Version | str, record: dict[str, Any]) -> ImageVersion:
         """Record where a version was published (blob URL, gallery version id, regions, state, time). A record
         for the same ``key`` (the blob URL and the gallery version id) replaces the earlier one, so publishing
-        again does not pile up entries."""
+        again does not pile up entries; so does a gallery version's record replace its blob's upload-only one."""
         iv = self.get(distro, version)
         key = record.get("key")
+
+        def superseded(p: dict[str, Any]) -> bool:
+            return p.get("key") == key or (bool(record.get("gallery_version_id")) and not p.get("gallery_version_id")
+                                           and p.get("blob_url") == record.get("blob_url"))
+
         with self._locked():
             state = self._state()
             entry = state["distros"][distro][str(iv.version)]
             if entry.get("removed_at"):
                 raise InputError(f"{distro} {iv.version} was removed")
-            records = [p for p in entry.get("published", []) if isinstance(p, dict) and p.get("key") != key]
+            records = [p for p in entry.get("published", []) if isinstance(p, dict) and not superseded(p)]
             records.append(dict(record))
             entry["published"] = records
             self._write_index(state)

@@ -413,6 +413,23 @@ def test_gallery_version_from_the_blob(gallery: Gallery, storage_env: azurite.Az
     assert len(gallery.get("debian-12", "12.0.1").published) == 1
 
 
+def test_blob_only_then_the_gallery_keeps_one_record(gallery: Gallery, storage_env: azurite.Azurite,
+                                                     arm: arm_standin.StandIn) -> None:
+    c = container_name()
+    publish(prepare(opts(c), gallery), gallery=gallery)
+    assert [r["state"] for r in gallery.get("debian-12", "12.0.1").published] == ["blob-verified"]
+    wire = Wire()
+    res = publish(prepare(gallery_opts(c, arm), gallery), gallery=gallery,
+                  arm_credential=StaticTokenCredential(arm_standin.TOKEN),
+                  arm_client_kwargs={"connection_verify": str(arm.ca_file)}, blob_client_kwargs=wire.kwargs())
+    assert wire.sent == [] and res.gallery is not None
+    recs = gallery.get("debian-12", "12.0.1").published
+    assert [(r["state"], r["gallery_version_id"]) for r in recs] == [("Succeeded", res.gallery.version_id)]
+    # another blob of the same version is another record
+    publish(prepare(opts(container_name()), gallery), gallery=gallery)
+    assert len(gallery.get("debian-12", "12.0.1").published) == 2
+
+
 def test_missing_gallery_is_a_clear_error(gallery: Gallery, storage_env: azurite.Azurite,
                                           arm: arm_standin.StandIn) -> None:
     c = container_name()
