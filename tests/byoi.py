@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from imagekit.base import apt
-from imagekit.core.paths import cache_dir
+from imagekit.core.paths import REPO_ROOT, cache_dir
 
 MIB = 1 << 20
 SUITE = "bookworm"
@@ -303,3 +303,13 @@ def gzip_bytes(data: bytes) -> bytes:
     import gzip
 
     return gzip.compress(data)
+
+
+INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
+
+
+def cli(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """An imagekit task run as a user runs it, with its own cache directory."""
+    env = {**os.environ, "IMAGEKIT_CACHE": str(cache)}
+    return subprocess.run([str(INVOKE), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=900, check=False)

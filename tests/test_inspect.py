@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from imagekit.core.paths import REPO_ROOT
 from imagekit.core.run import which
 from tests import byoi
 
@@ -25,16 +24,13 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or which("mmdebstrap") is None or which("debugfs") is None,
                        reason="needs root (loop mounts), mmdebstrap and debugfs"),
 ]
-INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
+INVOKE = byoi.INVOKE
 MIB = 1 << 20
 GPT_MIB = 1 + 64 + 1280 + 1  # the GPT image: 1 MiB, the ESP, the root, 1 MiB for the backup GPT
 MBR_MIB = 2 + 1280 + 16
 
 
-def cli(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGEKIT_CACHE": str(cache)}
-    return subprocess.run([str(INVOKE), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=900, check=False)
+cli = byoi.cli
 
 
 @pytest.fixture(scope="module")

@@ -103,13 +103,10 @@ from imagekit.core.run import which  # noqa: E402
 
 needs_root_tools = pytest.mark.skipif(os.geteuid() != 0 or which("mmdebstrap") is None or which("debugfs") is None,
                                       reason="needs root (loop mounts), mmdebstrap and debugfs")
-INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
+INVOKE = byoi.INVOKE
 
 
-def cli(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGEKIT_CACHE": str(cache)}
-    return subprocess.run([str(INVOKE), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=900, check=False)
+cli = byoi.cli
 
 
 @pytest.fixture(scope="module")

@@ -187,16 +187,8 @@ def root_facts(root: Path, deep: bool) -> dict[str, Any]:
     }
 
 
-def _mount_options(fstype: str) -> str:
-    if fstype.startswith("ext"):
-        return "ro,noload"
-    if fstype == "xfs":
-        return "ro,norecovery"
-    return "ro"
-
-
 def main() -> int:
-    from imagekit.scan.image import Partition, fstab_mounts, matches
+    from imagekit.scan.image import Partition, fstab_mounts, matches, mount_options
 
     job = json.loads(sys.stdin.read())
     mnt = Path(job["mountpoint"])
@@ -211,7 +203,7 @@ def main() -> int:
                 continue
             d = mnt / f"p{p['number']}"
             d.mkdir(parents=True, exist_ok=True)
-            opts = f"{_mount_options(p['fstype'])},loop,offset={p['offset']},sizelimit={p['size']}"
+            opts = f"{mount_options(p['fstype'])},loop,offset={p['offset']},sizelimit={p['size']}"
             res = run(["mount", "-t", p["fstype"], "-o", opts, job["image"], d], check=False)
             if res.returncode != 0:
                 result["errors"][str(p["number"])] = (res.stderr.strip().splitlines() or ["mount failed"])[-1]
