@@ -161,12 +161,14 @@ def _read(child: _Child, lines: queue.Queue[tuple[str, bytes | None]]) -> None:
     lines.put((child.distro.id, None))
 
 
-def _unrun_result(report_dir: Path, distro: str, status: Status, why: str) -> None:
-    """result.json for a distro the matrix did not start (skipped, or not reached before Ctrl-C)."""
+def _matrix_result(report_dir: Path, distro: str, status: Status, why: str, elapsed: float = 0.0,
+                   **extra: Any) -> None:
+    """result.json written by the matrix itself, for a distro whose own run left none: skipped, not reached
+    before Ctrl-C, or a child that ended without writing one."""
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(report_dir / RESULT_FILE, {
         "schema": SCHEMA, "distro": distro, "task": "matrix", "status": status.value, "error": why,
-        "started": datetime.now(UTC).isoformat(), "elapsed": 0.0, "stages": []})
+        "started": datetime.now(UTC).isoformat(), "elapsed": elapsed, "stages": [], **extra})
 
 
 def run_matrix(plan: MatrixPlan, opts: MatrixOptions) -> list[Outcome]:
@@ -179,7 +181,7 @@ def run_matrix(plan: MatrixPlan, opts: MatrixOptions) -> list[Outcome]:
     display = _Display(plan, tty, out)
     outcomes: dict[str, Outcome] = {}
     for i, why in plan.skipped.items():
-        _unrun_result(opts.report_dir / i, i, Status.SKIPPED, why)
+        _matrix_result(opts.report_dir / i, i, Status.SKIPPED, why)
         outcomes[i] = Outcome(i, Status.SKIPPED, why, report_dir=opts.report_dir / i)
     waiting = list(plan.run)
     running: dict[str, _Child] = {}
@@ -205,7 +207,7 @@ def run_matrix(plan: MatrixPlan, opts: MatrixOptions) -> list[Outcome]:
                 if stop.is_set():
                     for d in waiting:
                         why = "not started: the matrix was interrupted"
-                        _unrun_result(opts.report_dir / d.id, d.id, Status.INTERRUPTED, why)
+                        _matrix_result(opts.report_dir / d.id, d.id, Status.INTERRUPTED, why)
                         outcomes[d.id] = Outcome(d.id, Status.INTERRUPTED, why, report_dir=opts.report_dir / d.id)
                         display.state(d.id, Status.INTERRUPTED.value, "not started", 0.0)
                     waiting = []
@@ -283,7 +285,7 @@ def _finish(child: _Child, stopping: bool) -> Outcome:
         how = f"was killed {STOP_GRACE:.0f} s after Ctrl-C" if child.killed else f"exited with code {rc}"
         why = f"the {i} run {how} and left no {RESULT_FILE}; its output is in {child.report_dir / OUTPUT_LOG}"
         status = Status.INTERRUPTED if stopping or rc in (-signal.SIGINT, 130) else Status.FAILED
-        _write_lost(child.report_dir, i, status, why, elapsed, rc)
+        _matrix_result(child.report_dir, i, status, why, elapsed, returncode=rc)
         return Outcome(i, status, why, elapsed, child.stage, child.report_dir, rc, read_result(child.report_dir) or {})
     try:
         status = Status(str(res.get("status")))
@@ -293,13 +295,6 @@ def _finish(child: _Child, stopping: bool) -> Outcome:
         status = Status.FAILED
         res["error"] = f"the run exited with code {rc} after writing a passing result"
     return Outcome(i, status, str(res.get("error") or ""), elapsed, child.stage, child.report_dir, rc, res)
-
-
-def _write_lost(report_dir: Path, distro: str, status: Status, why: str, elapsed: float, rc: int) -> None:
-    write_json_atomic(report_dir / RESULT_FILE, {
-        "schema": SCHEMA, "distro": distro, "task": "matrix", "status": status.value,
-        "error": why, "started": datetime.now(UTC).isoformat(), "elapsed": elapsed, "stages": [],
-        "returncode": rc})
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
